@@ -1,0 +1,51 @@
+"""The ``gasguard`` command: one subcommand per service.
+
+Each service registers its own subcommands; their heavy imports happen only when the
+command runs. Errors a user can fix are printed as one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gasguard import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from firmware_sim.cli import register as register_sim
+
+    parser = argparse.ArgumentParser(prog="gasguard", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gasguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_sim(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from firmware_sim.errors import SimError
+    from gasguard.profiles import ProfileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    try:
+        code: int = args.handler(args)
+    except (SimError, ProfileError, ValueError) as exc:
+        print(f"gasguard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ingest: MQTT consumer, columnar decode, vectorised detection, TimescaleDB (issue 4)."""
