@@ -30,34 +30,55 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     run = sub.add_parser("run", help="start a simulated building and serve it over Modbus TCP")
     run.add_argument("--scenario", type=Path, help="scenario file (TOML) with timed events")
-    run.add_argument("--detectors", type=int, help="number of methane detectors (default: scenario's)")
+    run.add_argument(
+        "--detectors", type=int, help="number of methane detectors (default: scenario's)"
+    )
     run.add_argument("--meters", type=int, help="number of smart meters (default: scenario's)")
     run.add_argument("--districts", type=int, help="number of districts the households spread over")
     run.add_argument("--seed", type=int, help="random seed (default: scenario's)")
     run.add_argument("--host", default=settings.sim_modbus_host, help="Modbus listen address")
-    run.add_argument("--port", type=int, default=settings.sim_modbus_port, help="first Modbus TCP port")
-    run.add_argument("--per-device-ports", action="store_true", help="one port per device (unit 1) "
-                     "instead of one port with a unit id per device")  # fmt: skip
+    run.add_argument(
+        "--port", type=int, default=settings.sim_modbus_port, help="first Modbus TCP port"
+    )
+    run.add_argument(
+        "--per-device-ports",
+        action="store_true",
+        help="one port per device (unit 1) instead of one port with a unit id per device",
+    )
     run.add_argument("--control-port", type=int, default=settings.sim_control_port)
     run.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     run.add_argument("--dt", type=float, default=1.0, help="tick length in simulated seconds")
     run.add_argument("--duration", help="stop after this much simulated time (e.g. 2h)")
-    run.add_argument("--mqtt", action="store_true",
-                     help="also publish readings as MQTT-native devices to the broker in settings")
-    run.add_argument("--gateway-id", default="sim-mqtt", help="gateway id the MQTT-native fleet uses")
+    run.add_argument(
+        "--mqtt",
+        action="store_true",
+        help="also publish readings as MQTT-native devices to the broker in settings",
+    )
+    run.add_argument(
+        "--gateway-id", default="sim-mqtt", help="gateway id the MQTT-native fleet uses"
+    )
     run.add_argument("--report-every", default="10s", help="MQTT-native report period")
     run.set_defaults(handler=_run)
 
-    lst = sub.add_parser("list", help="list the devices of a running simulation and their addresses")
+    lst = sub.add_parser(
+        "list", help="list the devices of a running simulation and their addresses"
+    )
     lst.add_argument("--control-port", type=int, default=settings.sim_control_port)
     lst.set_defaults(handler=_list)
 
     inject = sub.add_parser("inject", help="start an event in a running simulation now")
     inject.add_argument("target", help="device (D-0017, M-0003), household (H-0003) or district")
     inject.add_argument("type", help="event type, e.g. gas_leak, burst, silent, clear")
-    inject.add_argument("--for", dest="duration", help="how long it lasts (e.g. 10m); default: until cleared")
-    inject.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="event parameter, e.g. rate_lel_per_min=8 (repeatable)")
+    inject.add_argument(
+        "--for", dest="duration", help="how long it lasts (e.g. 10m); default: until cleared"
+    )
+    inject.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="event parameter, e.g. rate_lel_per_min=8 (repeatable)",
+    )
     inject.add_argument("--control-port", type=int, default=settings.sim_control_port)
     inject.set_defaults(handler=_inject)
 
@@ -66,7 +87,11 @@ def _run(args: argparse.Namespace) -> int:
     from firmware_sim.scenario import Scenario, load_scenario, parse_duration
 
     scenario = load_scenario(args.scenario) if args.scenario else Scenario()
-    overrides = {k: getattr(args, k) for k in ("detectors", "meters", "districts") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("detectors", "meters", "districts")
+        if getattr(args, k) is not None
+    }
     if overrides:
         from firmware_sim.scenario import FleetSpec
 
@@ -77,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args, scenario, duration, report_every))
 
 
-async def _serve(args: argparse.Namespace, scenario: Any, duration: float | None, report_every: float) -> int:
+async def _serve(
+    args: argparse.Namespace, scenario: Any, duration: float | None, report_every: float
+) -> int:
     import time
 
     from firmware_sim.clock import pace
@@ -88,9 +115,12 @@ async def _serve(args: argparse.Namespace, scenario: Any, duration: float | None
 
     settings = SimSettings()
     sim = Simulation(
-        scenario, seed=args.seed, dt=args.dt, start_ms=int(time.time() * 1000),
+        scenario,
+        seed=args.seed,
+        dt=args.dt,
+        start_ms=int(time.time() * 1000),
         utc_offset_hours=settings.sim_utc_offset_hours,
-    )  # fmt: skip
+    )
     modbus = ModbusFleet(sim, args.host, args.port, per_device_ports=args.per_device_ports)
     control = ControlServer(sim, modbus.endpoints, "127.0.0.1", args.control_port)
     publisher: MqttFleet | None = None
@@ -99,14 +129,22 @@ async def _serve(args: argparse.Namespace, scenario: Any, duration: float | None
         await control.start()
         if args.mqtt:
             publisher = MqttFleet(
-                sim, settings.mqtt_host, settings.mqtt_port, gateway_id=args.gateway_id,
-                seq_file=Path("var/sim") / f"{args.gateway_id}.seq", username=settings.mqtt_username,
-                password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
-            )  # fmt: skip
+                sim,
+                settings.mqtt_host,
+                settings.mqtt_port,
+                gateway_id=args.gateway_id,
+                seq_file=Path("var/sim") / f"{args.gateway_id}.seq",
+                username=settings.mqtt_username,
+                password=settings.mqtt_password.get_secret_value()
+                if settings.mqtt_password
+                else None,
+            )
             await asyncio.to_thread(publisher.connect)
         _print_devices([describe(e) for e in modbus.endpoints], limit=12)
-        print(f"scenario {scenario.name!r}: {len(scenario.events)} event(s); seed {sim.seed}; "
-              f"speed x{args.speed}; control port {args.control_port}")  # fmt: skip
+        print(
+            f"scenario {scenario.name!r}: {len(scenario.events)} event(s); seed {sim.seed}; "
+            f"speed x{args.speed}; control port {args.control_port}"
+        )
         first = sim.fleet.detectors[0].id if sim.fleet.detectors else sim.fleet.meters[0].id
         print(f"make a leak from another terminal:  gasguard sim inject {first} gas_leak")
         print("Ctrl-C stops the simulation.", flush=True)
@@ -137,13 +175,17 @@ async def _serve(args: argparse.Namespace, scenario: Any, duration: float | None
 
 
 def _print_devices(devices: list[dict[str, Any]], limit: int | None = None) -> None:
-    header = f"{'device':<10} {'kind':<9} {'household':<10} {'district':<12} {'address':<22} {'unit':>4}  profile"
-    print(header)
+    print(
+        f"{'device':<10} {'kind':<9} {'household':<10} {'district':<12} "
+        f"{'address':<22} {'unit':>4}  profile"
+    )
     shown = devices if limit is None else devices[:limit]
     for d in shown:
         size = f" ({d['meter_size']})" if d.get("meter_size") else ""
-        print(f"{d['id']:<10} {d['kind']:<9} {d['household']:<10} {d['district']:<12} "
-              f"{d['host'] + ':' + str(d['port']):<22} {d['unit']:>4}  {d['profile']}{size}")  # fmt: skip
+        print(
+            f"{d['id']:<10} {d['kind']:<9} {d['household']:<10} {d['district']:<12} "
+            f"{d['host'] + ':' + str(d['port']):<22} {d['unit']:>4}  {d['profile']}{size}"
+        )
     if len(shown) < len(devices):
         print(f"... and {len(devices) - len(shown)} more ('gasguard sim list' shows all)")
 
@@ -171,7 +213,9 @@ def _inject(args: argparse.Namespace) -> int:
         event[name.strip()] = _scalar(value.strip())
     parse_event(event)  # refuse a bad event here, before bothering the simulation
     asyncio.run(request("127.0.0.1", args.control_port, {"cmd": "inject", "event": event}))
-    print(f"{args.type} started on {args.target}" + (f" for {args.duration}" if args.duration else ""))
+    print(
+        f"{args.type} started on {args.target}" + (f" for {args.duration}" if args.duration else "")
+    )
     return 0
 
 

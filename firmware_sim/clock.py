@@ -7,6 +7,7 @@ same either way, so the same seed gives the same readings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,5 @@ async def pace(
             step()
         next_wall = wall0 + (clock.tick + 1 - tick0) * clock.dt / speed
         delay = max(0.0, next_wall - loop.time())
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            pass

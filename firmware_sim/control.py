@@ -26,10 +26,16 @@ log = logging.getLogger(__name__)
 def describe(endpoint: Endpoint) -> dict[str, Any]:
     d = endpoint.device
     return {
-        "id": d.id, "kind": d.kind, "household": d.household, "district": d.district,
-        "meter_size": d.meter_size, "host": endpoint.host, "port": endpoint.port,
-        "unit": endpoint.unit, "profile": endpoint.profile,
-    }  # fmt: skip
+        "id": d.id,
+        "kind": d.kind,
+        "household": d.household,
+        "district": d.district,
+        "meter_size": d.meter_size,
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "unit": endpoint.unit,
+        "profile": endpoint.profile,
+    }
 
 
 class ControlServer:
@@ -96,7 +102,9 @@ class ControlServer:
             writer.close()
 
 
-async def request(host: str, port: int, payload: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+async def request(
+    host: str, port: int, payload: dict[str, Any], timeout: float = 5.0
+) -> dict[str, Any]:
     """Send one request to a running simulation; SimError when none answers or it refuses."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)

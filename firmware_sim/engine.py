@@ -207,7 +207,9 @@ class Simulation:
             match ev.type:
                 case "gas_leak" | "burst":
                     fx.leak_rate[idx] = np.maximum(fx.leak_rate[idx], ev.rate_lel_per_min)
-                    fx.leak_peak[idx] = np.maximum(fx.leak_peak[idx], getattr(ev, "peak_lel", 100.0))
+                    fx.leak_peak[idx] = np.maximum(
+                        fx.leak_peak[idx], getattr(ev, "peak_lel", 100.0)
+                    )
                     flow = ev.flow_m3h if ev.flow_m3h is not None else 1.5 * self._qmax[idx]
                     target = fx.leak_flow if ev.type == "gas_leak" else fx.extra_flow
                     target[idx] += flow
@@ -234,7 +236,9 @@ class Simulation:
         fx, dt = self._fx, self.clock.dt
         supply = ~(self.meter_valve_closed | self.detector_valve_closed)
         leaking = fx.leak_rate > 0
-        target = np.where(leaking & supply, np.minimum(self.leak_conc + fx.leak_rate * dt / 60, fx.leak_peak), 0.0)
+        target = np.where(
+            leaking & supply, np.minimum(self.leak_conc + fx.leak_rate * dt / 60, fx.leak_peak), 0.0
+        )
         decayed = self.leak_conc * self._decay
         self.leak_conc = np.where(self.leak_conc < target, target, np.maximum(decayed, target))
 
@@ -255,23 +259,29 @@ class Simulation:
         tod = (self.clock.now_ms / 1000.0 + self._offset_s) % 86400.0
         temp = 20.0 + 2.0 * math.sin(2 * math.pi * (tod / 3600.0 - 9.0) / 24.0) + 0.1 * noise[1]
 
-        self._report("detector", {
-            "ch4_lel": ch4,
-            "alarm": self.alarm.copy(),
-            "fault": det_flags["fault"].copy(),
-            "valve_closed": self.detector_valve_closed.copy(),
-            "eol": det_flags["eol"].copy(),
-            "temp_c": temp,
-        })
-        self._report("meter", {
-            "volume_m3": self.volume.copy(),
-            "flow_m3h": flow,
-            "pressure_kpa": np.clip(pressure, 0.0, None),
-            "valve_closed": self.meter_valve_closed.copy(),
-            "battery_pct": self.battery.copy(),
-            "tamper": met_flags["tamper"].copy(),
-            "reverse_flow": reversing,
-        })
+        self._report(
+            "detector",
+            {
+                "ch4_lel": ch4,
+                "alarm": self.alarm.copy(),
+                "fault": det_flags["fault"].copy(),
+                "valve_closed": self.detector_valve_closed.copy(),
+                "eol": det_flags["eol"].copy(),
+                "temp_c": temp,
+            },
+        )
+        self._report(
+            "meter",
+            {
+                "volume_m3": self.volume.copy(),
+                "flow_m3h": flow,
+                "pressure_kpa": np.clip(pressure, 0.0, None),
+                "valve_closed": self.meter_valve_closed.copy(),
+                "battery_pct": self.battery.copy(),
+                "tamper": met_flags["tamper"].copy(),
+                "reverse_flow": reversing,
+            },
+        )
 
     def _report(self, kind: Kind, fresh: dict[str, np.ndarray]) -> None:
         """What the devices show: a stuck device keeps showing its old numbers."""
@@ -332,4 +342,6 @@ class Simulation:
 
 
 def _overlaps(active: _Active, households: np.ndarray, kinds: tuple[Kind, ...]) -> bool:
-    return bool(np.isin(active.households, households).any()) and bool(set(active.kinds) & set(kinds))
+    return bool(np.isin(active.households, households).any()) and bool(
+        set(active.kinds) & set(kinds)
+    )

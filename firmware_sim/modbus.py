@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
@@ -25,15 +26,30 @@ from firmware_sim.engine import Simulation
 from firmware_sim.errors import PortInUseError
 from firmware_sim.fleet import Device
 from gasguard.fields import Kind
-from gasguard.profiles import Profile, RegisterMap, Table, builtin_profile, decode_point
+from gasguard.profiles import (
+    Profile,
+    RegisterMap,
+    Table,
+    builtin_profile,
+    decode_point,
+    load_profile,
+)
 
 log = logging.getLogger(__name__)
 
 UNITS_PER_PORT = 247
 DEFAULT_PROFILES: dict[Kind, str] = {"detector": "detector-generic", "meter": "meter-generic"}
 
-_READ_TABLE = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT, 23: Table.HOLDING}
-_WRITE_TABLE = {5: Table.COIL, 15: Table.COIL, 6: Table.HOLDING, 16: Table.HOLDING, 23: Table.HOLDING}
+# Function code -> table. Write requests read back what they wrote, with their own code.
+_READ_TABLE = {1: Table.COIL, 5: Table.COIL, 15: Table.COIL, 2: Table.DISCRETE, 4: Table.INPUT}
+_READ_TABLE.update((fc, Table.HOLDING) for fc in (3, 6, 16, 22, 23))
+_WRITE_TABLE = {
+    5: Table.COIL,
+    15: Table.COIL,
+    6: Table.HOLDING,
+    16: Table.HOLDING,
+    23: Table.HOLDING,
+}
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ class SimModbusStore:
             cached = self._cache[device.id] = (version, image)
         return cached[1]
 
-    async def async_getValues(
+    async def async_getValues(  # noqa: N802 - pymodbus's datastore protocol
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
         device = await self._answerable(device_id)
@@ -100,7 +116,7 @@ class SimModbusStore:
             return [bool(v) for v in values]
         return values
 
-    async def async_setValues(
+    async def async_setValues(  # noqa: N802 - pymodbus's datastore protocol
         self, device_id: int, func_code: int, address: int, values: Sequence[int] | Sequence[bool]
     ) -> ExcCodes | None:
         device = await self._answerable(device_id)
@@ -110,13 +126,18 @@ class SimModbusStore:
         if table is None:
             return ExcCodes.ILLEGAL_FUNCTION
         rmap, profile = self._maps[device.kind], self._profiles[device.kind]
-        written = dict(zip(range(address, address + len(values)), (int(v) for v in values), strict=True))
+        written = dict(
+            zip(range(address, address + len(values)), (int(v) for v in values), strict=True)
+        )
         points = {p.name: p for a in written for p in rmap.point_at(table, a)}
         if len(points) == 0 or not all(p.writable for p in points.values()):
             return ExcCodes.ILLEGAL_ADDRESS
         current = self._image(device).get(table, {})
         for point in points.values():
-            regs = [written.get(a, current.get(a, 0)) for a in range(point.address, point.address + point.register_count)]
+            regs = [
+                written.get(a, current.get(a, 0))
+                for a in range(point.address, point.address + point.register_count)
+            ]
             self._sim.write_point(device, point.name, decode_point(point, regs, profile))
         log.info("%s: %s written by a Modbus client", device.id, ", ".join(points))
         return None
@@ -126,12 +147,22 @@ def _placeholder() -> SimDevice:
     return SimDevice(0, simdata=SimData(0, values=0, datatype=DataType.REGISTERS))
 
 
-class _SimServer(ModbusTcpServer):  # type: ignore[misc]
+class _SimServer(ModbusTcpServer):
     """A pymodbus TCP server whose datastore is the live simulation."""
 
     def __init__(self, store: SimModbusStore, host: str, port: int) -> None:
         super().__init__(_placeholder(), address=(host, port), ignore_missing_devices=True)
-        self.context = store
+        # pymodbus 3.16 calls only async_getValues/async_setValues/device_ids on its context.
+        self.context = store  # type: ignore[assignment]
+
+
+def resolve_profile(profile: str | Path | Profile) -> Profile:
+    """A profile object, a path to a profile file, or the name of a shipped profile."""
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, Path) or profile.endswith(".toml"):
+        return load_profile(profile)
+    return builtin_profile(profile)
 
 
 def layout(
@@ -159,11 +190,12 @@ class ModbusFleet:
         port: int = 5020,
         *,
         per_device_ports: bool = False,
-        profiles: dict[Kind, str] | None = None,
+        profiles: Mapping[Kind, str | Path | Profile] | None = None,
     ) -> None:
-        names = {**DEFAULT_PROFILES, **(profiles or {})}
+        chosen = {**DEFAULT_PROFILES, **(profiles or {})}
         self.sim = sim
-        self.profiles = {kind: builtin_profile(name) for kind, name in names.items()}
+        self.profiles = {kind: resolve_profile(p) for kind, p in chosen.items()}
+        names = {kind: p.name for kind, p in self.profiles.items()}
         self.endpoints = layout(sim, host, port, per_device_ports, names)
         self._servers: list[_SimServer] = []
 
@@ -193,5 +225,5 @@ class ModbusFleet:
 
     async def stop(self) -> None:
         for server in self._servers:
-            await server.shutdown()
+            await server.shutdown()  # type: ignore[no-untyped-call]
         self._servers.clear()

@@ -49,7 +49,11 @@ class SeqCounter:
 
 
 def snapshot_batches(
-    sim: Simulation, gateway_id: str, seq: SeqCounter, batch_size: int, kinds: tuple[Kind, ...] = KINDS
+    sim: Simulation,
+    gateway_id: str,
+    seq: SeqCounter,
+    batch_size: int,
+    kinds: tuple[Kind, ...] = KINDS,
 ) -> Iterator[Batch]:
     """The current readings of every answering device, as wire batches."""
     now = sim.now_ms
@@ -59,9 +63,13 @@ def snapshot_batches(
             part = slice(lo, lo + batch_size)
             n = len(ids[part])
             yield make_batch(
-                gateway_id, seq.take(), kind, ids[part], np.full(n, now, dtype=np.int64),
+                gateway_id,
+                seq.take(),
+                kind,
+                ids[part],
+                np.full(n, now, dtype=np.int64),
                 {k: v[part] for k, v in cols.items()},
-            )  # fmt: skip
+            )
 
 
 class MqttFleet:
@@ -91,7 +99,9 @@ class MqttFleet:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"gasguard-sim-{gateway_id}", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"gasguard-sim-{gateway_id}",
+            protocol=mqtt.MQTTv5,
         )
         if username is not None:
             self._client.username_pw_set(username, password)
@@ -100,7 +110,12 @@ class MqttFleet:
         self._client.will_set(topic(gateway_id, "state"), b"offline", qos=1, retain=True)
 
     def _on_connect(
-        self, client: mqtt.Client, userdata: object, flags: object, reason: ReasonCode, props: object
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        props: object,
     ) -> None:
         if reason.is_failure:
             self._refused = str(reason)
@@ -120,7 +135,11 @@ class MqttFleet:
             self.close()
             raise SimError(
                 f"MQTT broker {self._host}:{self._port} "
-                + (f"refused the connection: {self._refused}" if self._refused else "did not answer")
+                + (
+                    f"refused the connection: {self._refused}"
+                    if self._refused
+                    else "did not answer"
+                )
             )
 
     def publish_readings(self) -> list[mqtt.MQTTMessageInfo]:
@@ -141,9 +160,13 @@ class MqttFleet:
         infos = []
         for i in np.flatnonzero(changed):
             batch = make_batch(
-                self.gateway_id, self.seq.take(), "detector", ids[i : i + 1],
-                np.array([self.sim.now_ms], dtype=np.int64), {k: v[i : i + 1] for k, v in shown.items()},
-            )  # fmt: skip
+                self.gateway_id,
+                self.seq.take(),
+                "detector",
+                ids[i : i + 1],
+                np.array([self.sim.now_ms], dtype=np.int64),
+                {k: v[i : i + 1] for k, v in shown.items()},
+            )
             infos.append(self._publish("alarm", batch))
         return infos
 
@@ -156,6 +179,8 @@ class MqttFleet:
 
     def close(self) -> None:
         if self._connected.is_set() and not self._refused:
-            self._client.publish(topic(self.gateway_id, "state"), b"offline", qos=1, retain=True).wait_for_publish(2)
+            self._client.publish(
+                topic(self.gateway_id, "state"), b"offline", qos=1, retain=True
+            ).wait_for_publish(2)
             self._client.disconnect()
         self._client.loop_stop()

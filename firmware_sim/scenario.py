@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -182,6 +182,10 @@ class Clear(_Event):
     type: Literal["clear"]
 
 
+EVENT_CLASSES = (
+    GasLeak, Burst, ContinuousFlow, MicroLeak, PressureDrop, SensorFault, Stuck, Silent,
+    Tamper, ReverseFlow, SlowResponse, ModbusException, EndOfLife, Valve, Clear,
+)  # fmt: skip
 Event = Annotated[
     GasLeak
     | Burst
@@ -200,10 +204,9 @@ Event = Annotated[
     | Clear,
     Field(discriminator="type"),
 ]
-EVENT_TYPES = (
-    "gas_leak burst continuous_flow micro_leak pressure_drop sensor_fault stuck silent "
-    "tamper reverse_flow slow_response modbus_exception end_of_life valve clear"
-).split()
+EVENT_TYPES: tuple[str, ...] = tuple(
+    get_args(cls.model_fields["type"].annotation)[0] for cls in EVENT_CLASSES
+)
 
 
 class FleetSpec(BaseModel):
@@ -274,7 +277,7 @@ def _explain(exc: ValidationError, what: str, data: object) -> str:
             loc = loc[3:]  # drop 'events', index and the discriminator tag
         elif loc and loc[0] == "event":
             loc = loc[2:]
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
             msg = f"unknown event type; known types: {', '.join(EVENT_TYPES)}"
         elif err["type"] == "union_tag_not_found":

@@ -54,7 +54,9 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
         f"listener {port} 127.0.0.1\nallow_anonymous true\n"
         f"persistence_location {tmp_path}/\nlog_dest file {log}\n" + MOSQUITTO_CONF.read_text()
     )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         wait_for_port(port)
         yield Broker("127.0.0.1", port, proc, log)

@@ -14,8 +14,15 @@ from firmware_sim.scenario import FleetSpec, Scenario, parse_event
 MIDNIGHT_LOCAL_MS = 1_767_196_800_000  # 2026-01-01T00:00+08:00
 
 
-def sim_with(*events: dict[str, object], detectors: int = 4, meters: int = 4, districts: int = 2,
-             seed: int = 3, dt: float = 1.0, start_ms: int = MIDNIGHT_LOCAL_MS) -> Simulation:  # fmt: skip
+def sim_with(
+    *events: dict[str, object],
+    detectors: int = 4,
+    meters: int = 4,
+    districts: int = 2,
+    seed: int = 3,
+    dt: float = 1.0,
+    start_ms: int = MIDNIGHT_LOCAL_MS,
+) -> Simulation:
     scenario = Scenario(
         seed=seed,
         fleet=FleetSpec(detectors=detectors, meters=meters, districts=districts),
@@ -29,15 +36,21 @@ def shown(sim: Simulation, device_id: str) -> dict[str, float | bool]:
 
 
 def test_same_seed_same_readings_over_two_days() -> None:
-    events = ({"at": "3h", "device": "D-0002", "type": "gas_leak", "duration": "1h"},
-              {"at": "20h", "district": "district-1", "type": "pressure_drop", "duration": "2h"})  # fmt: skip
+    events = (
+        {"at": "3h", "device": "D-0002", "type": "gas_leak", "duration": "1h"},
+        {"at": "20h", "district": "district-1", "type": "pressure_drop", "duration": "2h"},
+    )
     runs = []
     for _ in range(2):
         sim = sim_with(*events, detectors=30, meters=30, dt=10.0)
         trace = []
         for _ in range(2 * 8640 // 60):
             sim.run_for(600)
-            trace.append(np.concatenate([sim.reported["meter"]["volume_m3"], sim.reported["detector"]["ch4_lel"]]))
+            trace.append(
+                np.concatenate(
+                    [sim.reported["meter"]["volume_m3"], sim.reported["detector"]["ch4_lel"]]
+                )
+            )
         runs.append(np.array(trace))
     np.testing.assert_array_equal(runs[0], runs[1])
     other = sim_with(*events, detectors=30, meters=30, dt=10.0, seed=4)
@@ -78,7 +91,9 @@ def test_households_cook_and_heat_water_by_day_and_use_nothing_at_night() -> Non
     assert np.all(np.array(night) == 0.0)
     by_household = np.array(day).max(axis=0)
     assert (by_household > 0).all(), "every household uses gas during the day"
-    assert (by_household <= np.array([QMAX_BY_SIZE[m.meter_size or ""] for m in sim.fleet.meters])).all()
+    assert (
+        by_household <= np.array([QMAX_BY_SIZE[m.meter_size or ""] for m in sim.fleet.meters])
+    ).all()
 
 
 def test_meter_volume_integrates_flow() -> None:
@@ -101,8 +116,16 @@ def test_detector_background_is_low_and_noisy() -> None:
 
 
 def test_gas_leak_ramps_alarms_then_decays_and_clears() -> None:
-    sim = sim_with({"at": "60s", "device": "D-0002", "type": "gas_leak", "rate_lel_per_min": 6.0,
-                    "peak_lel": 30.0, "duration": "10m"})  # fmt: skip
+    sim = sim_with(
+        {
+            "at": "60s",
+            "device": "D-0002",
+            "type": "gas_leak",
+            "rate_lel_per_min": 6.0,
+            "peak_lel": 30.0,
+            "duration": "10m",
+        }
+    )
     sim.run_for(60 + 120)
     ch4 = shown(sim, "D-0002")["ch4_lel"]
     assert 11.0 <= ch4 <= 14.0  # 2 min at 6 %LEL/min over a background below 2
@@ -137,8 +160,11 @@ def test_burst_exceeds_qmax() -> None:
 
 
 def test_micro_leak_and_continuous_flow_never_return_to_zero_at_night() -> None:
-    sim = sim_with({"device": "M-0001", "type": "micro_leak", "flow_m3h": 0.01},
-                   {"device": "M-0002", "type": "continuous_flow"}, dt=10.0)  # fmt: skip
+    sim = sim_with(
+        {"device": "M-0001", "type": "micro_leak", "flow_m3h": 0.01},
+        {"device": "M-0002", "type": "continuous_flow"},
+        dt=10.0,
+    )
     flows = []
     for _ in range(4 * 360):  # 00:00 .. 04:00 local
         sim.step()
@@ -148,8 +174,17 @@ def test_micro_leak_and_continuous_flow_never_return_to_zero_at_night() -> None:
 
 
 def test_pressure_drop_across_a_district() -> None:
-    sim = sim_with({"at": "10s", "district": "district-2", "type": "pressure_drop", "to_kpa": 0.8,
-                    "duration": "5m"}, meters=6, detectors=0)  # fmt: skip
+    sim = sim_with(
+        {
+            "at": "10s",
+            "district": "district-2",
+            "type": "pressure_drop",
+            "to_kpa": 0.8,
+            "duration": "5m",
+        },
+        meters=6,
+        detectors=0,
+    )
     sim.run_for(20)
     p = sim.reported["meter"]["pressure_kpa"]
     members = sim.fleet.district_members("district-2")
@@ -186,8 +221,10 @@ def test_device_flags_and_behaviours() -> None:
 
 
 def test_stuck_device_repeats_its_values() -> None:
-    sim = sim_with({"at": "30s", "device": "M-0001", "type": "continuous_flow", "flow_m3h": 1.0},
-                   {"at": "10s", "device": "M-0001", "type": "stuck", "duration": "10m"})  # fmt: skip
+    sim = sim_with(
+        {"at": "30s", "device": "M-0001", "type": "continuous_flow", "flow_m3h": 1.0},
+        {"at": "10s", "device": "M-0001", "type": "stuck", "duration": "10m"},
+    )
     sim.run_for(10)
     frozen = shown(sim, "M-0001")
     sim.run_for(300)
@@ -198,11 +235,16 @@ def test_stuck_device_repeats_its_values() -> None:
 
 
 def test_valve_event_and_clear() -> None:
-    sim = sim_with({"at": "5s", "household": "H-0001", "type": "valve", "closed": True},
-                   {"device": "M-0002", "type": "burst"},
-                   {"at": "20s", "device": "M-0002", "type": "clear"})  # fmt: skip
+    sim = sim_with(
+        {"at": "5s", "household": "H-0001", "type": "valve", "closed": True},
+        {"device": "M-0002", "type": "burst"},
+        {"at": "20s", "device": "M-0002", "type": "clear"},
+    )
     sim.run_for(10)
-    assert shown(sim, "M-0001")["valve_closed"] is True and shown(sim, "D-0001")["valve_closed"] is True
+    assert (
+        shown(sim, "M-0001")["valve_closed"] is True
+        and shown(sim, "D-0001")["valve_closed"] is True
+    )
     assert shown(sim, "M-0002")["flow_m3h"] > 2.0
     sim.run_for(15)
     assert sim.active_events() == []
@@ -210,8 +252,10 @@ def test_valve_event_and_clear() -> None:
 
 
 def test_detector_can_close_its_valve_on_alarm() -> None:
-    scenario = Scenario(fleet=FleetSpec(detectors=1, meters=1, detector_closes_valve_on_alarm=True),
-                        events=(parse_event({"device": "D-0001", "type": "gas_leak", "rate_lel_per_min": 30}),))  # fmt: skip
+    scenario = Scenario(
+        fleet=FleetSpec(detectors=1, meters=1, detector_closes_valve_on_alarm=True),
+        events=(parse_event({"device": "D-0001", "type": "gas_leak", "rate_lel_per_min": 30}),),
+    )
     sim = Simulation(scenario)
     sim.run_for(60)
     assert shown(sim, "D-0001")["valve_closed"] is True
