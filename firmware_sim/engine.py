@@ -16,6 +16,7 @@ and the same events give the same readings, in real time or fast-forwarded.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ ALARM_OFF_LEL = 5.0
 NOMINAL_KPA = 2.0  # household low-pressure supply
 VENTILATION_TAU_S = 180.0
 QMAX_BY_SIZE = {"G1.6": 2.5, "G2.5": 4.0, "G4": 6.0}
+
+log = logging.getLogger(__name__)
 
 Value = float | bool
 
@@ -172,6 +175,10 @@ class Simulation:
             at, _, event = self._pending.pop(0)
             households, kinds = self._targets(event)
             changed = True
+            log.info(
+                "%s on %s%s", event.type, event.target,
+                f" for {event.duration:g} s" if event.duration is not None else "",
+            )  # fmt: skip
             if event.type == "clear":
                 self._active = [a for a in self._active if not _overlaps(a, households, kinds)]
             elif isinstance(event, ValveEvent):
