@@ -333,10 +333,17 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def builtin_profile_names() -> list[str]:
-    """Names of the profiles shipped in ``gasguard/profiles/data``."""
+    """Names of the Modbus profiles shipped in ``gasguard/profiles/data``.
+
+    (``mqtt-*.toml`` there are MQTT device profiles: see :mod:`gasguard.profiles.mqtt`.)
+    """
     folder = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER)
     names = (entry.name for entry in folder.iterdir())
-    return sorted(name.removesuffix(".toml") for name in names if name.endswith(".toml"))
+    return sorted(
+        name.removesuffix(".toml")
+        for name in names
+        if name.endswith(".toml") and not name.startswith("mqtt-")
+    )
 
 
 @cache
