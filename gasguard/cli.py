@@ -16,18 +16,21 @@ from gasguard import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from firmware_sim.cli import register as register_sim
+    from gateway.cli import register as register_gateway
 
     parser = argparse.ArgumentParser(prog="gasguard", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gasguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_sim(commands)
+    register_gateway(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from firmware_sim.errors import SimError
     from gasguard.profiles import ProfileError
+    from gateway.config import GatewayConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     try:
         code: int = args.handler(args)
-    except (SimError, ProfileError, ValueError) as exc:
+    except (SimError, ProfileError, GatewayConfigError, ValueError) as exc:
         print(f"gasguard: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,34 +35,51 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 @dataclass
 class Broker:
+    """A private Mosquitto that a test can stop and start again on the same port."""
+
     host: str
     port: int
-    process: subprocess.Popen[bytes]
+    conf: Path
     log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            pytest.fail("mosquitto is not installed (scripts/services installs it)")
+        self.process = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """A clean shutdown (mosquitto saves its persistent sessions)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Broker]:
     """A Mosquitto of our own on a free port, configured with deploy/mosquitto/gasguard.conf."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        pytest.fail("mosquitto is not installed (scripts/services installs it)")
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    log = tmp_path / "mosquitto.log"
+    folder = tmp_path / f"mosquitto-{port}"
+    folder.mkdir()
+    conf = folder / "mosquitto.conf"
+    log = folder / "mosquitto.log"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-        f"persistence_location {tmp_path}/\nlog_dest file {log}\n" + MOSQUITTO_CONF.read_text()
+        # run as root, mosquitto would switch to its own user, who cannot write in tmp_path
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n"
+        f"persistence_location {folder}/\nlog_dest file {log}\n" + MOSQUITTO_CONF.read_text()
     )
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    broker = Broker("127.0.0.1", port, conf, log)
+    broker.start()
     try:
-        wait_for_port(port)
-        yield Broker("127.0.0.1", port, proc, log)
+        yield broker
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        broker.stop()

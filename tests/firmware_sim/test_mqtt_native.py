@@ -3,63 +3,20 @@ port, with the project's config); a subscriber counts and decodes what arrives."
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.engine import Simulation
 from firmware_sim.errors import SimError
 from firmware_sim.mqtt_native import MqttFleet, SeqCounter
 from firmware_sim.scenario import FleetSpec, Scenario, parse_event
-from gasguard.wire import Batch, decode_batch
+from tests.collector import Collector
 from tests.conftest import Broker, free_port
 
 pytestmark = pytest.mark.integration
-
-
-class Collector:
-    """Subscribes to every GasGuard topic and decodes what arrives."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.batches: list[tuple[str, Batch]] = []
-        self.state: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="collector", protocol=mqtt.MQTTv5
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe("gasguard/v1/#", qos=1)
-        self.client.on_subscribe = lambda *_: self._ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._ready.wait(5), "collector did not subscribe"
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        channel = msg.topic.split("/", 3)[3]
-        with self._lock:
-            if channel == "state":
-                self.state[msg.topic] = msg.payload
-            else:
-                self.batches.append((channel, decode_batch(msg.payload)))
-
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[tuple[str, Batch]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.batches) >= count:
-                    return list(self.batches)
-            time.sleep(0.02)
-        raise AssertionError(f"{len(self.batches)} of {count} batches arrived")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def make_sim(detectors: int, meters: int, *events: dict[str, object]) -> Simulation:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from firmware_sim.errors import ScenarioError
-from firmware_sim.scenario import EVENT_TYPES, load_scenario, parse_duration, parse_event
+from firmware_sim.scenario import EVENT_TYPES, load_scenario, parse_event
+from gasguard.durations import parse_duration
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "firmware_sim" / "scenarios"
 

@@ -1,0 +1,305 @@
+"""An MQTT link driven by the asyncio loop: paho-mqtt 2.x (callback API version 2) without a
+network thread of its own, connected and reconnected with the one backoff helper.
+
+Each connection attempt gets a fresh paho client, so nothing paho queued for an earlier
+connection is re-sent behind the caller's back: the owner (e.g. the gateway's spool
+forwarder) decides what to send again after a reconnect. Subscriptions are renewed on every
+CONNACK. The Last Will and the retained ``online`` state are set per link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gasguard.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    keepalive: int = 30
+    clean_start: bool = True
+    session_expiry_s: int = 0
+    receive_maximum: int = 1000
+    max_inflight: int = 1000
+    connect_timeout: float = 5.0
+    manual_ack: bool = False
+    will: Will | None = None
+    online: Will | None = None  # published (retained) after every CONNACK
+    subscriptions: tuple[tuple[str, int], ...] = field(default=())
+
+
+class MqttLink:
+    """One logical connection to a broker, kept up until :meth:`stop`."""
+
+    def __init__(self, options: MqttOptions, backoff: Backoff | None = None) -> None:
+        self.options = options
+        self.backoff = backoff or Backoff(base=0.5, cap=30.0)
+        self.on_connected: Callable[[], None] = lambda: None
+        self.on_disconnected: Callable[[str], None] = lambda reason: None
+        self.on_message: Callable[[mqtt.MQTTMessage], None] = lambda msg: None
+        self.on_published: Callable[[int, bool], None] = lambda mid, ok: None
+        self.connects = 0
+        self._client: mqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._misc: asyncio.Task[None] | None = None
+        self._refused: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Hand a message to the broker; its mid, or None when not connected (nothing queued)."""
+        client = self._client
+        if client is None or not self.connected:
+            return None
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (manual-ack links)."""
+        if self._client is not None:
+            self._client.ack(mid, qos)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Connect, and reconnect after every loss, until :meth:`stop`."""
+        while not self._stopping:
+            try:
+                await self._connect_once()
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                self._drop(f"cannot connect: {exc}")
+            else:
+                await self._lost.wait()
+            if self._stopping:
+                break
+            delay = self.backoff.next()
+            log.debug(
+                "reconnecting to %s:%d in %.1f s", self.options.host, self.options.port, delay
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), delay)
+
+    async def stop(self, send_offline: bool = True) -> None:
+        """Disconnect cleanly (publishing the will's payload first when asked)."""
+        self._stopping = True
+        self._stop_event.set()
+        client = self._client
+        if client is not None and self.connected:
+            if send_offline and self.options.will is not None:
+                w = self.options.will
+                info = client.publish(w.topic, w.payload, qos=w.qos, retain=w.retain)
+                for _ in range(40):
+                    if info.is_published():
+                        break
+                    await asyncio.sleep(0.025)
+            client.disconnect()
+            await asyncio.sleep(0)
+        self._drop("stopped")
+
+    async def _connect_once(self) -> None:
+        opts = self.options
+        # Probe without blocking the loop: paho's own connect() is a blocking socket call.
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(opts.host, opts.port), opts.connect_timeout
+        )
+        writer.close()
+        client = self._new_client()
+        self._client = client
+        self._lost.clear()
+        self._refused = None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.ReceiveMaximum = opts.receive_maximum
+        if opts.session_expiry_s:
+            props.SessionExpiryInterval = opts.session_expiry_s
+        client.connect(
+            opts.host,
+            opts.port,
+            keepalive=opts.keepalive,
+            clean_start=opts.clean_start,
+            properties=props,
+        )
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        done = asyncio.create_task(self._connected.wait())
+        lost = asyncio.create_task(self._lost.wait())
+        await asyncio.wait(
+            {done, lost}, timeout=opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in (done, lost):
+            task.cancel()
+        if not self.connected:
+            reason = self._refused or "no CONNACK"
+            self._drop(reason)
+            raise OSError(f"broker {opts.host}:{opts.port} did not accept the connection: {reason}")
+
+    def _new_client(self) -> mqtt.Client:
+        opts = self.options
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=mqtt.MQTTv5
+        )
+        client.connect_timeout = opts.connect_timeout
+        client.max_inflight_messages_set(opts.max_inflight)
+        client.max_queued_messages_set(0)
+        client.manual_ack_set(opts.manual_ack)
+        if opts.username is not None:
+            client.username_pw_set(opts.username, opts.password)
+        if opts.tls:
+            client.tls_set(ca_certs=opts.ca_file)
+        if opts.will is not None:
+            w = opts.will
+            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        loop = asyncio.get_running_loop()
+
+        def opened(c: mqtt.Client, userdata: object, sock: Any) -> None:
+            self._socket_open(loop, c, sock)
+
+        def closed(c: mqtt.Client, userdata: object, sock: Any) -> None:
+            loop.remove_reader(sock)
+
+        def want_write(c: mqtt.Client, userdata: object, sock: Any) -> None:
+            loop.add_writer(sock, c.loop_write)
+
+        def written(c: mqtt.Client, userdata: object, sock: Any) -> None:
+            loop.remove_writer(sock)
+
+        client.on_socket_open = opened
+        client.on_socket_close = closed
+        client.on_socket_register_write = want_write
+        client.on_socket_unregister_write = written
+        return client
+
+    def _socket_open(
+        self, loop: asyncio.AbstractEventLoop, client: mqtt.Client, sock: object
+    ) -> None:
+        loop.add_reader(sock, client.loop_read)  # type: ignore[arg-type]
+        if self._misc is None or self._misc.done():
+            self._misc = loop.create_task(self._misc_loop(client))
+
+    async def _misc_loop(self, client: mqtt.Client) -> None:
+        """Keepalive pings and timeouts: paho's loop_misc, once a second."""
+        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1.0)
+            if client is not self._client:
+                break
+
+    def _drop(self, reason: str) -> None:
+        client, self._client = self._client, None
+        was_connected = self.connected
+        self._connected.clear()
+        self._lost.set()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                sock = client.socket()
+                client.disconnect()
+                if sock is not None:
+                    loop = asyncio.get_running_loop()
+                    loop.remove_reader(sock)
+                    loop.remove_writer(sock)
+                    sock.close()
+        if was_connected:
+            log.warning("MQTT link to %s:%d lost: %s", self.options.host, self.options.port, reason)
+            self.on_disconnected(reason)
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        props: object,
+    ) -> None:
+        if client is not self._client:
+            return
+        if reason.is_failure:
+            self._refused = str(reason)
+            log.error(
+                "broker %s:%d refused the connection: %s",
+                self.options.host,
+                self.options.port,
+                reason,
+            )
+            return
+        self.backoff.reset()
+        self.connects += 1
+        for topic, qos in self.options.subscriptions:
+            client.subscribe(topic, qos=qos)
+        if self.options.online is not None:
+            o = self.options.online
+            client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
+        log.info("MQTT link to %s:%d up", self.options.host, self.options.port)
+        self._connected.set()
+        self.on_connected()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        props: object,
+    ) -> None:
+        if client is self._client:
+            self._drop(str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if client is self._client:
+            self.on_message(msg)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode, props: object
+    ) -> None:
+        if client is self._client:
+            self.on_published(mid, not reason.is_failure)

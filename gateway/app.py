@@ -1,0 +1,276 @@
+"""The gateway: pollers and MQTT-native devices -> batcher -> spool -> forwarder -> broker;
+commands from the broker -> the device's link. ``run`` until stopped; ``check`` once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gasguard.mqtt_link import MqttLink, MqttOptions, Will
+from gasguard.profiles import Profile
+from gasguard.profiles.mqtt import MqttProfile
+from gasguard.wire import topic
+from gateway.batcher import Batcher
+from gateway.commands import CommandHandler
+from gateway.config import Device, GatewayConfig, MqttDevice, SerialDevice, TcpDevice
+from gateway.forwarder import Forwarder
+from gateway.links import ModbusLink, PymodbusLink, serial_link, tcp_link
+from gateway.metrics import MetricsServer
+from gateway.mqtt_devices import MqttDeviceSource
+from gateway.poller import DevicePoller, PollSettings, Reading
+from gateway.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def poll_settings(config: GatewayConfig, device: Device) -> PollSettings:
+    p = config.polling
+    return PollSettings(
+        interval=float(config.setting(device, "interval")),
+        timeout=float(config.setting(device, "timeout")),
+        report=str(config.setting(device, "report")),  # type: ignore[arg-type]
+        heartbeat=float(config.setting(device, "heartbeat")),
+        lost_after=p.lost_after,
+        retry_cap=p.retry_cap,
+    )
+
+
+def build_links(config: GatewayConfig) -> dict[str, PymodbusLink]:
+    """One link per physical connection, with the longest timeout of its devices."""
+    links: dict[str, PymodbusLink] = {}
+    longest: dict[str, float] = {}
+    for d in config.devices:
+        if not isinstance(d, MqttDevice):
+            longest[d.link_key] = max(
+                longest.get(d.link_key, 0.0), float(config.setting(d, "timeout"))
+            )
+    gap = config.polling.frame_gap_ms / 1000.0
+    for d in config.devices:
+        if isinstance(d, MqttDevice) or d.link_key in links:
+            continue
+        timeout = longest[d.link_key] + 1.0
+        if isinstance(d, TcpDevice):
+            rtu = d.transport == "rtu-over-tcp"
+            links[d.link_key] = tcp_link(
+                d.host, d.port, timeout, rtu_framing=rtu, frame_gap_s=gap if rtu else 0.0
+            )
+        elif isinstance(d, SerialDevice):
+            links[d.link_key] = serial_link(
+                d.serial,
+                baudrate=d.baudrate,
+                parity=d.parity,
+                stopbits=d.stopbits,
+                timeout=timeout,
+                frame_gap_s=gap,
+            )
+    return links
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    profiles: dict[str, Profile | MqttProfile]
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.started = time.time()
+        self.spool = Spool(
+            c.spool_path, max_bytes=int(c.spool.max_mb * 2**20), max_age_s=c.spool.max_age
+        )
+        gw = c.gateway_id
+        self.link = MqttLink(
+            MqttOptions(
+                host=c.broker.host,
+                port=c.broker.port,
+                client_id=f"gasguard-gw-{gw}",
+                username=c.broker.username,
+                password=c.broker.password,
+                tls=c.broker.tls,
+                ca_file=c.broker.ca_file,
+                keepalive=c.broker.keepalive,
+                will=Will(topic(gw, "state"), b"offline"),
+                online=Will(topic(gw, "state"), b"online"),
+                subscriptions=((topic(gw, "cmd"), 1),),
+            )
+        )
+        self.forwarder = Forwarder(self.spool, self.link)
+        self.batcher = Batcher(
+            gw,
+            self.spool,
+            max_readings=c.batching.max_readings,
+            max_delay_ms=c.batching.max_delay_ms,
+            on_spooled=self.forwarder.wake,
+        )
+        self.links: dict[str, ModbusLink] = dict(build_links(c))
+        self.pollers: dict[str, DevicePoller] = {}
+        mqtt_devices = []
+        for d in c.devices:
+            profile = self.profiles[d.id]
+            if isinstance(d, MqttDevice):
+                assert isinstance(profile, MqttProfile)
+                settings = poll_settings(c, d)
+                mqtt_devices.append((d, profile, settings.interval, settings.heartbeat))
+            else:
+                assert isinstance(profile, Profile)
+                self.pollers[d.id] = DevicePoller(
+                    d.id,
+                    d.kind,
+                    d.unit,
+                    profile,
+                    self.links[d.link_key],
+                    poll_settings(c, d),
+                    self._sink,
+                )
+        self.mqtt_devices = (
+            MqttDeviceSource(gw, mqtt_devices, c.local_broker, self._sink)
+            if mqtt_devices and c.local_broker
+            else None
+        )
+        self._results: list[bytes] = []
+        self.commands = CommandHandler(self.pollers, self.spool, self._publish_result)
+        self.link.on_message = self._on_command
+        self._command_tasks: set[asyncio.Task[Any]] = set()
+
+    def _sink(self, reading: Reading, urgent: bool) -> None:
+        self.batcher.add(reading, urgent)
+
+    def _publish_result(self, payload: bytes) -> None:
+        self._results.append(payload)
+        self._flush_results()
+
+    def _flush_results(self) -> None:
+        while self._results:
+            if (
+                self.link.publish(
+                    topic(self.config.gateway_id, "cmd/result"), self._results[0], qos=1
+                )
+                is None
+            ):
+                return  # sent after the next CONNACK
+            self._results.pop(0)
+
+    def _on_command(self, msg: Any) -> None:
+        task = asyncio.create_task(self.commands.handle(msg.payload))
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.spool.stats()
+        devices: list[dict[str, Any]] = [
+            {
+                "id": i,
+                "kind": p.kind,
+                "state": p.state,
+                "polls": p.stats.polls,
+                "failures": p.stats.failures,
+                "lost": p.state == "lost",
+                "last_ok_ms": p.stats.last_ok_ms,
+                "last_error": p.stats.last_error,
+            }
+            for i, p in self.pollers.items()
+        ]
+        if self.mqtt_devices is not None:
+            devices += [
+                {
+                    "id": i,
+                    "kind": t.device.kind,
+                    "state": t.state,
+                    "polls": t.stats.polls,
+                    "failures": t.stats.failures,
+                    "lost": t.state == "lost",
+                    "last_ok_ms": t.stats.last_ok_ms,
+                    "last_error": t.stats.last_error,
+                }
+                for i, t in self.mqtt_devices.devices.items()
+            ]
+        f = self.forwarder
+        figures = {
+            "polls_total": ("counter", sum(d["polls"] for d in devices), "device polls"),
+            "poll_errors_total": ("counter", sum(d["failures"] for d in devices), "failed polls"),
+            "devices_lost": ("gauge", sum(d["lost"] for d in devices), "devices not answering"),
+            "readings_total": ("counter", self.batcher.readings, "readings batched"),
+            "alarms_total": ("counter", self.batcher.alarms, "alarm flag changes sent at once"),
+            "spool_batches": ("gauge", s.batches, "batches waiting for PUBACK"),
+            "spool_bytes": ("gauge", s.bytes, "bytes in the spool"),
+            "spool_dropped_batches_total": (
+                "counter",
+                s.dropped_batches,
+                "batches dropped when full",
+            ),
+            "spool_dropped_readings_total": (
+                "counter",
+                s.dropped_readings,
+                "readings dropped when full",
+            ),
+            "next_seq": ("gauge", s.next_seq, "next batch sequence number"),
+            "published_total": ("counter", f.sent, "batches handed to the broker"),
+            "acked_total": ("counter", f.acked, "batches acknowledged (PUBACK)"),
+            "last_puback_ms": ("gauge", f.last_puback_ms, "epoch ms of the last PUBACK"),
+            "broker_connected": ("gauge", int(self.link.connected), "1 while connected"),
+            "commands_total": ("counter", self.commands.executed, "commands executed"),
+        }
+        return {"gateway_id": self.config.gateway_id, "figures": figures, "devices": devices}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        metrics = None
+        if self.config.metrics.port:
+            metrics = MetricsServer(
+                self.snapshot, self.config.metrics.host, self.config.metrics.port
+            )
+            await metrics.start()
+        inner = asyncio.Event()
+        previous_connected = self.link.on_connected
+
+        def connected() -> None:
+            previous_connected()
+            self._flush_results()
+
+        self.link.on_connected = connected
+        tasks = [
+            asyncio.create_task(self.link.run(), name="mqtt-link"),
+            asyncio.create_task(self.forwarder.run(inner), name="forwarder"),
+            asyncio.create_task(self.batcher.run(inner), name="batcher"),
+        ]
+        tasks += [
+            asyncio.create_task(p.run(inner), name=f"poll-{i}") for i, p in self.pollers.items()
+        ]
+        if self.mqtt_devices is not None:
+            tasks.append(asyncio.create_task(self.mqtt_devices.run(inner), name="mqtt-devices"))
+        log.info(
+            "gateway %s: %d Modbus devices on %d links, %d MQTT devices; spool %s (%d waiting)",
+            self.config.gateway_id,
+            len(self.pollers),
+            len(self.links),
+            len(self.mqtt_devices.devices) if self.mqtt_devices else 0,
+            self.config.spool_path,
+            self.spool.stats().batches,
+        )
+        try:
+            await stop.wait()
+        finally:
+            inner.set()
+            await asyncio.gather(
+                *tasks[1:], return_exceptions=True
+            )  # batcher flushes into the spool
+            self.forwarder.pump()
+            await self._drain(2.0)
+            await self.link.stop()
+            tasks[0].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tasks[0]
+            for link in self.links.values():
+                await link.close()
+            if metrics is not None:
+                await metrics.stop()
+            self.spool.close()
+
+    async def _drain(self, seconds: float) -> None:
+        """On a clean stop, wait briefly for in-flight PUBACKs (the rest stay spooled)."""
+        deadline = time.monotonic() + seconds
+        while self.link.connected and self.forwarder.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            self.forwarder.pump()

@@ -1,0 +1,86 @@
+"""From the spool to the broker: publish spooled batches in sequence order with QoS 1 and
+delete each only after its PUBACK. After a reconnect, everything not yet acknowledged is sent
+again from the spool (the broker may see a batch twice; ingest drops the repeat by its
+(gateway, seq) id), so nothing produced during an outage is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from gasguard.mqtt_link import MqttLink
+from gateway.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Forwarder:
+    def __init__(self, spool: Spool, link: MqttLink, window: int = 200) -> None:
+        self.spool = spool
+        self.link = link
+        self.window = window
+        self.sent = 0
+        self.acked = 0
+        self.refused = 0
+        self.last_puback_ms: int | None = None
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._after = 0  # highest seq handed to the current connection
+        self._wake = asyncio.Event()
+        link.on_connected = self._on_connected
+        link.on_published = self._on_published
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def _on_connected(self) -> None:
+        self._inflight.clear()  # a new connection: whatever was in flight is sent again
+        self._after = 0
+        self._wake.set()
+
+    def _on_published(self, mid: int, ok: bool) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return
+        if ok:
+            self.spool.ack(seq)
+            self.acked += 1
+            self.last_puback_ms = int(time.time() * 1000)
+        else:
+            self.refused += (
+                1  # e.g. not authorised: kept in the spool, tried on the next connection
+            )
+            log.error("broker refused batch seq %d; it stays in the spool", seq)
+        self._wake.set()
+
+    def pump(self) -> int:
+        """Hand the next spooled batches to the link, up to the in-flight window."""
+        handed = 0
+        while self.link.connected and len(self._inflight) < self.window:
+            batches = self.spool.pending(
+                after_seq=self._after, limit=self.window - len(self._inflight)
+            )
+            if not batches:
+                break
+            for batch in batches:
+                mid = self.link.publish(batch.topic, batch.payload, qos=1)
+                if mid is None:
+                    return handed
+                self._inflight[mid] = batch.seq
+                self._after = batch.seq
+                self.sent += 1
+                handed += 1
+        return handed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            self.pump()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)

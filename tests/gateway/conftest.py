@@ -1,0 +1,163 @@
+"""Simulated devices served over real Modbus TCP from a thread of their own, and helpers to run
+a gateway against them and a private Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from firmware_sim.engine import Simulation
+from firmware_sim.modbus import ModbusFleet
+from firmware_sim.scenario import FleetSpec, Scenario, parse_event
+from tests.conftest import Broker, free_port
+
+T = TypeVar("T")
+
+
+class SimServer:
+    """A simulation whose devices answer on real TCP ports, run by a loop in its own thread.
+
+    The simulation does not advance by itself (values stay put, so what the gateway publishes
+    can be compared exactly); a test steps it or injects events through :meth:`call`.
+    """
+
+    def __init__(self, detectors: int, meters: int, per_device_ports: bool) -> None:
+        scenario = Scenario(seed=9, fleet=FleetSpec(detectors=detectors, meters=meters))
+        self.sim = Simulation(scenario, start_ms=1_767_250_000_000)
+        self.sim.run_for(120)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.fleet = ModbusFleet(
+            self.sim, "127.0.0.1", free_port(), per_device_ports=per_device_ports
+        )
+        asyncio.run_coroutine_threadsafe(self.fleet.start(), self.loop).result(10)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the simulation's thread (the only one that touches it)."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(10)
+
+    def inject(self, event: dict[str, Any]) -> None:
+        self.call(lambda: self.sim.inject(parse_event(event)))
+
+    def values(self, device_id: str) -> dict[str, float | bool]:
+        return self.call(lambda: self.sim.values(self.sim.device(device_id)))
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.fleet.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def sim_server() -> Iterator[Callable[..., SimServer]]:
+    servers: list[SimServer] = []
+
+    def make(detectors: int = 3, meters: int = 3, per_device_ports: bool = False) -> SimServer:
+        server = SimServer(detectors, meters, per_device_ports)
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def gateway_config(
+    tmp_path: Path,
+    broker: Broker,
+    server: SimServer,
+    *,
+    gateway_id: str = "GW-T",
+    interval: float = 0.2,
+    timeout: float = 0.3,
+    extra: str = "",
+    devices: str = "",
+    batching: str = "max_readings = 50\nmax_delay_ms = 100",
+) -> Path:
+    """A config file for every simulated device, polled over Modbus TCP."""
+    lines = [
+        f'gateway_id = "{gateway_id}"',
+        f'state_dir = "{tmp_path / "state"}"',
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}',
+        f"[batching]\n{batching}",
+        f"[polling]\ninterval = {interval}\ntimeout = {timeout}\nlost_after = 2\nretry_cap = 1.0",
+        extra,
+    ]
+    for e in server.fleet.endpoints:
+        d = e.device
+        lines.append(
+            f'[[devices]]\nid = "{d.id}"\nkind = "{d.kind}"\nprofile = "{e.profile}"\n'
+            f'transport = "tcp"\nhost = "{e.host}"\nport = {e.port}\nunit = {e.unit}'
+        )
+    lines.append(devices)
+    path = tmp_path / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class GatewayThread:
+    """A gateway running in its own thread and event loop, as it would in its own process."""
+
+    def __init__(self, config_path: Path) -> None:
+        from gateway.app import Gateway
+        from gateway.config import load_config
+
+        config, profiles = load_config(config_path)
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event | None = None
+        ready = threading.Event()
+        self.gateway: Gateway | None = None
+        self.error: BaseException | None = None
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+            self.gateway = Gateway(config, profiles)
+            ready.set()
+            await self.gateway.run(self.stop_event)
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException as exc:
+                self.error = exc
+                ready.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10) and self.error is None, self.error
+
+    def call(self, fn: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(10)
+
+    def stop(self) -> None:
+        if self.stop_event is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "gateway did not stop"
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,153 @@
+"""The gateway against simulated devices over real Modbus TCP and a real Mosquitto."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gasguard.profiles import builtin_profile
+from tests.collector import Collector
+from tests.conftest import Broker
+from tests.gateway.conftest import GatewayThread, SimServer, gateway_config
+
+pytestmark = pytest.mark.integration
+
+
+def readings_of(collector: Collector, device: str) -> list[dict[str, float | bool]]:
+    out = []
+    for _, batch in collector.batches:
+        for i in np.flatnonzero(batch.dev == device):
+            out.append({k: v[i].item() for k, v in batch.fields.items()} | {"ts": int(batch.ts[i])})
+    return out
+
+
+def test_published_values_match_what_the_simulation_holds(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(3, 3)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server))
+    try:
+        collector.wait_until(
+            lambda: all(readings_of(collector, d.id) for d in server.sim.fleet.devices())
+        )
+    finally:
+        gw.stop()
+        collector.close()
+    for device in server.sim.fleet.devices():
+        profile = builtin_profile(f"{device.kind}-generic")
+        held = server.values(device.id)
+        got = readings_of(collector, device.id)
+        assert got, device.id
+        for reading in got:
+            assert reading["comm_lost"] is False
+            for point in profile.points:
+                want = held[point.name]
+                if isinstance(want, bool):
+                    assert reading[point.name] is want, (device.id, point.name)
+                else:
+                    tol = 1e-6 if point.type == "f32" else abs(point.scale) / 2 + 1e-9
+                    assert reading[point.name] == pytest.approx(want, abs=tol, rel=1e-6), (
+                        device.id,
+                        point.name,
+                    )
+    assert (
+        collector.state["gasguard/v1/GW-T/state"] == b"offline"
+    )  # clean stop: the gateway said so
+
+
+def telemetry_seqs(collector: Collector) -> list[int]:
+    return [b.seq for _, b in collector.batches]
+
+
+def test_broker_outage_loses_nothing_and_replays_with_original_timestamps(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(5, 5)
+    collector = Collector(mosquitto, persistent=True)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, interval=0.1))
+    try:
+        collector.wait_until(lambda: len(collector.batches) >= 10)
+        mosquitto.stop()
+        outage_start = time.time()
+        time.sleep(3.0)  # the gateway keeps polling and spools
+        outage_end = time.time()
+        spooled = gw.call(lambda: gw.gateway.spool.stats().batches)  # type: ignore[union-attr]
+        assert spooled >= 10, "batches were spooled during the outage"
+        mosquitto.start()
+        gw.call(lambda: None)
+        collector.wait_until(
+            lambda: gw.call(lambda: gw.gateway.spool.stats().batches) == 0, timeout=30
+        )  # type: ignore[union-attr]
+        last = gw.call(lambda: gw.gateway.spool.stats().next_seq) - 1  # type: ignore[union-attr]
+        try:
+            collector.wait_until(
+                lambda: set(telemetry_seqs(collector)) >= set(range(1, last + 1)), timeout=10
+            )
+        except AssertionError:
+            missing = sorted(set(range(1, last + 1)) - set(telemetry_seqs(collector)))
+            raise AssertionError(
+                f"missing {missing} of {last}; outage {outage_start} {outage_end}"
+            ) from None
+    finally:
+        gw.stop()
+        collector.close()
+    seqs = telemetry_seqs(collector)
+    final = max(seqs)
+    assert set(seqs) == set(range(1, final + 1)), "every batch arrived"
+    assert len(seqs) - len(set(seqs)) <= 2 * 20, "repeats only from the in-flight window"
+    during = [
+        a for a in collector.snapshot() if outage_start < a.batch.ts.min() / 1000 < outage_end - 0.5
+    ]
+    assert len(during) >= 10, "readings taken during the outage arrived"
+    assert all(a.at > outage_end for a in during), "...after it, with the time they were taken"
+
+
+def test_killed_gateway_sends_its_spool_after_restart_and_continues_the_sequence(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    server = sim_server(3, 3)
+    config = gateway_config(tmp_path, mosquitto, server, interval=0.1)
+    collector = Collector(mosquitto, persistent=True)
+    cmd = [sys.executable, "-m", "gasguard.cli", "gateway", "run", "--config", str(config)]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        collector.wait_until(lambda: len(collector.batches) >= 5, timeout=30)
+        mosquitto.stop()
+        time.sleep(2.0)  # batches pile up in the spool
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        from gateway.spool import Spool
+
+        with Spool(tmp_path / "state" / "spool.sqlite") as spool:
+            stranded = [b.seq for b in spool.pending(limit=10_000)]
+            next_seq = spool.stats().next_seq
+        assert len(stranded) >= 5, "the killed gateway left batches in its spool"
+        mosquitto.start()
+        second = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            collector.wait_until(
+                lambda: set(stranded) <= set(telemetry_seqs(collector)), timeout=30
+            )
+            collector.wait_until(lambda: max(telemetry_seqs(collector)) > next_seq + 5, timeout=30)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(20)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        collector.close()
+    seqs = telemetry_seqs(collector)
+    assert set(range(1, max(seqs) + 1)) <= set(seqs), "no sequence number is missing"
+    assert next_seq in seqs, "the restarted gateway continued where the killed one stopped"
