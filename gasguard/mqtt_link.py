@@ -236,12 +236,19 @@ class MqttLink:
     def _drop(self, reason: str) -> None:
         client, self._client = self._client, None
         was_connected = self.connected
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
         self._connected.clear()
         self._lost.set()
         if client is not None:
             with contextlib.suppress(Exception):
                 sock = client.socket()
-                client.disconnect()
+                if client.is_connected():
+                    client.disconnect()
+                # paho calls these again from Client.__del__, maybe after the loop is gone
+                client.on_socket_close = None
+                client.on_socket_unregister_write = None
                 if sock is not None:
                     loop = asyncio.get_running_loop()
                     loop.remove_reader(sock)

@@ -102,7 +102,9 @@ class PymodbusLink:
             except (TimeoutError, ModbusException, OSError, NoAnswerError) as exc:
                 self.failures += 1
                 await self._drop()
-                raise NoAnswerError(f"{self.name}: {what}: {exc or type(exc).__name__}") from None
+                raise NoAnswerError(
+                    f"{self.name}: {what}: {str(exc) or type(exc).__name__}"
+                ) from None
             finally:
                 self._last_frame = time.monotonic()
         if isinstance(response, ExceptionResponse) or response.isError():

@@ -1,0 +1,210 @@
+"""A dead device does not slow the others; valve commands; MQTT-native devices; report policy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import pytest
+from paho.mqtt import publish
+
+from tests.collector import Collector
+from tests.conftest import Broker
+from tests.gateway.conftest import GatewayThread, SimServer, gateway_config
+from tests.gateway.test_gateway import readings_of
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_dead_device_is_reported_lost_without_slowing_the_others(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(4, 4, per_device_ports=True)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, interval=0.1, timeout=0.3))
+    pollers = gw.gateway.pollers  # type: ignore[union-attr]
+    try:
+        time.sleep(1.0)
+        server.inject({"device": "D-0001", "type": "silent"})
+        before = gw.call(lambda: {i: p.stats.polls for i, p in pollers.items()})
+        time.sleep(3.0)
+        after = gw.call(lambda: {i: p.stats.polls for i, p in pollers.items()})
+        assert gw.call(lambda: pollers["D-0001"].state) == "lost"
+        lost = [r for r in readings_of(collector, "D-0001") if r["comm_lost"]]
+        assert lost, "the dead detector was reported lost"
+        assert all(r["ch4_lel"] != r["ch4_lel"] for r in lost), "no stale value sent as fresh (NaN)"
+        for device, polls in after.items():
+            if device != "D-0001":
+                assert polls - before[device] >= 20, (
+                    f"{device} kept its poll rate ({polls - before[device]} in 3 s)"
+                )
+        server.inject({"device": "D-0001", "type": "clear"})
+        collector.wait_until(lambda: gw.call(lambda: pollers["D-0001"].state) == "ok", timeout=10)
+        collector.wait_until(
+            lambda: not readings_of(collector, "D-0001")[-1]["comm_lost"], timeout=5
+        )
+    finally:
+        gw.stop()
+        collector.close()
+
+
+def test_valve_command_closes_the_simulated_valve_and_bad_commands_say_why(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(2, 2)
+    server.inject({"device": "M-0001", "type": "continuous_flow", "flow_m3h": 0.8})
+    server.call(server.sim.step)
+    assert server.values("M-0001")["flow_m3h"] >= 0.8
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server))
+
+    def command(body: dict[str, object] | bytes) -> dict[str, object]:
+        count = len(collector.results)
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        publish.single(
+            "gasguard/v1/GW-T/cmd", payload, qos=1, hostname=mosquitto.host, port=mosquitto.port
+        )
+        collector.wait_until(lambda: len(collector.results) > count, timeout=10)
+        result: dict[str, object] = orjson.loads(collector.results[count])
+        return result
+
+    try:
+        assert (
+            gw.gateway.link.connected
+            or collector.wait_until(lambda: gw.gateway.link.connected) is None
+        )  # type: ignore[union-attr]
+        done = command({"id": "T-1", "device": "M-0001", "action": "close_valve"})
+        assert done["status"] == "done" and done["device"] == "M-0001"
+        assert server.values("M-0001")["valve_closed"] is True
+        server.call(server.sim.step)
+        collector.wait_until(
+            lambda: any(
+                r["valve_closed"] and r["flow_m3h"] == 0.0 for r in readings_of(collector, "M-0001")
+            ),
+            timeout=5,
+        )
+        again = command({"id": "T-1", "device": "M-0001", "action": "close_valve"})
+        assert again == done, "a repeated command gets the same result"
+        assert gw.call(lambda: gw.gateway.commands.executed) == 1  # type: ignore[union-attr]
+
+        assert (
+            command({"id": "T-2", "device": "M-0099", "action": "close_valve"})["status"]
+            == "unknown_device"
+        )
+        bad = command({"id": "T-3", "device": "M-0002", "action": "explode"})
+        assert bad["status"] == "invalid" and "unknown action 'explode'" in str(bad["reason"])
+        assert command(b"{not json")["status"] == "invalid"
+        assert "'id'" in str(command({"device": "M-0002", "action": "open_valve"})["reason"])
+        server.inject({"device": "M-0002", "type": "silent"})
+        failed = command({"id": "T-4", "device": "M-0002", "action": "close_valve"})
+        assert (failed["status"] == "failed" and "M-0002" not in str(failed["reason"])) or failed[
+            "reason"
+        ]
+        opened = command({"id": "T-5", "device": "M-0001", "action": "open_valve"})
+        assert opened["status"] == "done" and server.values("M-0001")["valve_closed"] is False
+    finally:
+        gw.stop()
+        collector.close()
+
+
+def test_report_on_change_sends_only_changes_and_heartbeats(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(1, 1)
+    collector = Collector(mosquitto)
+    config = gateway_config(tmp_path, mosquitto, server, interval=0.1).read_text()
+    config = config.replace(
+        "retry_cap = 1.0", 'retry_cap = 1.0\nreport = "on_change"\nheartbeat = 1.5'
+    )
+    path = tmp_path / "on_change.toml"
+    path.write_text(config)
+    gw = GatewayThread(path)
+    try:
+        time.sleep(2.0)  # the simulation stands still: one reading, then a heartbeat
+        polls = gw.call(lambda: gw.gateway.pollers["M-0001"].stats.polls)  # type: ignore[union-attr]
+        assert polls >= 15
+        assert 2 <= len(readings_of(collector, "M-0001")) <= 3
+        server.inject({"device": "M-0001", "type": "tamper"})
+        server.call(server.sim.step)
+        collector.wait_until(
+            lambda: any(r["tamper"] for r in readings_of(collector, "M-0001")), timeout=5
+        )
+    finally:
+        gw.stop()
+        collector.close()
+
+
+def test_detector_alarm_goes_out_at_once_on_the_alarm_topic(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(2, 0)
+    collector = Collector(mosquitto)
+    # batches wait up to a minute: only the alarm path can be fast
+    config = gateway_config(
+        tmp_path, mosquitto, server, batching="max_readings = 5000\nmax_delay_ms = 60000"
+    )
+    gw = GatewayThread(config)
+    try:
+        time.sleep(0.5)
+        server.inject({"device": "D-0002", "type": "gas_leak", "rate_lel_per_min": 600})
+        server.call(lambda: server.sim.run_for(5))
+        t0 = time.time()
+        collector.wait_until(lambda: any(c == "alarm" for c, _ in collector.batches), timeout=5)
+        assert time.time() - t0 < 1.0
+        alarms = [b for c, b in collector.batches if c == "alarm"]
+        assert list(alarms[0].dev) == ["D-0002"] and bool(alarms[0].fields["alarm"][0])
+        assert not any(c == "telemetry" for c, _ in collector.batches)
+    finally:
+        gw.stop()
+        collector.close()
+    assert any(c == "telemetry" for c, _ in collector.batches), "a clean stop flushes the batches"
+
+
+def test_mqtt_native_devices_are_forwarded_in_the_same_batches(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(1, 0)
+    collector = Collector(mosquitto)
+    extra = f'[local_broker]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}'
+    devices = (
+        '[[devices]]\nid = "D-WIFI-1"\nkind = "detector"\nprofile = "mqtt-wifi-detector"\n'
+        'transport = "mqtt"\nmqtt_id = "kitchen17"\ninterval = 0.5\n'
+    )
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, extra=extra, devices=devices))
+    message = {
+        "time": "2026-11-27T10:00:00+08:00",
+        "gas": {"lel": 3.5, "alarm": "OFF", "fault": "OFF"},
+        "temperature": 21.5,
+        "valve": "OPEN",
+    }
+    try:
+        collector.wait_until(lambda: gw.gateway.mqtt_devices.link.connected, timeout=10)  # type: ignore[union-attr]
+        time.sleep(0.3)
+        publish.single(
+            "tele/kitchen17/SENSOR",
+            orjson.dumps(message),
+            qos=1,
+            hostname=mosquitto.host,
+            port=mosquitto.port,
+        )
+        collector.wait_until(lambda: bool(readings_of(collector, "D-WIFI-1")), timeout=5)
+        got = readings_of(collector, "D-WIFI-1")[0]
+        assert got["ch4_lel"] == 3.5 and got["alarm"] is False and got["temp_c"] == 21.5
+        own = datetime.fromisoformat(message["time"]).timestamp() * 1000  # type: ignore[arg-type]
+        assert got["ts"] == own, "the device's own timestamp"
+        publish.single(
+            "tele/kitchen17/SENSOR",
+            b'{"gas": {"lel": "high"}}',
+            hostname=mosquitto.host,
+            port=mosquitto.port,
+        )
+        collector.wait_until(
+            lambda: any(r["comm_lost"] for r in readings_of(collector, "D-WIFI-1")), timeout=5
+        )
+        assert gw.call(lambda: gw.gateway.mqtt_devices.rejected) == 1  # type: ignore[union-attr]
+    finally:
+        gw.stop()
+        collector.close()
