@@ -45,6 +45,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="one port per device (unit 1) instead of one port with a unit id per device",
     )
+    run.add_argument(
+        "--rtu-over-tcp", action="store_true", help="RTU framing over TCP (a serial bus converter)"
+    )
     run.add_argument("--control-port", type=int, default=settings.sim_control_port)
     run.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     run.add_argument("--dt", type=float, default=1.0, help="tick length in simulated seconds")
@@ -130,7 +133,13 @@ async def _serve(
         start_ms=int(time.time() * 1000),
         utc_offset_hours=settings.sim_utc_offset_hours,
     )
-    modbus = ModbusFleet(sim, args.host, args.port, per_device_ports=args.per_device_ports)
+    modbus = ModbusFleet(
+        sim,
+        args.host,
+        args.port,
+        per_device_ports=args.per_device_ports,
+        rtu_framing=args.rtu_over_tcp,
+    )
     control = ControlServer(sim, modbus.endpoints, "127.0.0.1", args.control_port)
     publisher: MqttFleet | None = None
     await modbus.start()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
+from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -150,8 +151,13 @@ def _placeholder() -> SimDevice:
 class _SimServer(ModbusTcpServer):
     """A pymodbus TCP server whose datastore is the live simulation."""
 
-    def __init__(self, store: SimModbusStore, host: str, port: int) -> None:
-        super().__init__(_placeholder(), address=(host, port), ignore_missing_devices=True)
+    def __init__(self, store: SimModbusStore, host: str, port: int, rtu_framing: bool) -> None:
+        super().__init__(
+            _placeholder(),
+            address=(host, port),
+            ignore_missing_devices=True,
+            framer=FramerType.RTU if rtu_framing else FramerType.SOCKET,
+        )
         # pymodbus 3.16 calls only async_getValues/async_setValues/device_ids on its context.
         self.context = store  # type: ignore[assignment]
 
@@ -190,14 +196,18 @@ class ModbusFleet:
         port: int = 5020,
         *,
         per_device_ports: bool = False,
+        rtu_framing: bool = False,
         profiles: Mapping[Kind, str | Path | Profile] | None = None,
     ) -> None:
+        """``rtu_framing``: RTU frames over TCP, like a serial bus behind a transparent
+        TCP converter (the gateway's ``rtu-over-tcp`` transport)."""
         chosen = {**DEFAULT_PROFILES, **(profiles or {})}
         self.sim = sim
         self.profiles = {kind: resolve_profile(p) for kind, p in chosen.items()}
         names = {kind: p.name for kind, p in self.profiles.items()}
         self.endpoints = layout(sim, host, port, per_device_ports, names)
         self._servers: list[_SimServer] = []
+        self._rtu = rtu_framing
 
     def endpoint(self, device_id: str) -> Endpoint:
         device = self.sim.device(device_id)
@@ -209,7 +219,9 @@ class ModbusFleet:
             by_port.setdefault((e.host, e.port), {})[e.unit] = e.device
         try:
             for (host, port), units in by_port.items():
-                server = _SimServer(SimModbusStore(self.sim, units, self.profiles), host, port)
+                server = _SimServer(
+                    SimModbusStore(self.sim, units, self.profiles), host, port, self._rtu
+                )
                 try:
                     await server.serve_forever(background=True)
                 except RuntimeError:

@@ -74,7 +74,8 @@ class PymodbusLink:
         await self._drop()
         client: AsyncModbusTcpClient | AsyncModbusSerialClient = self._factory()
         try:
-            ok = await asyncio.wait_for(client.connect(), timeout)
+            async with asyncio.timeout(timeout):
+                ok = await client.connect()
         except (TimeoutError, OSError, ModbusException):
             ok = False
         if not ok:
@@ -98,7 +99,8 @@ class PymodbusLink:
             self.requests += 1
             try:
                 client = await self._connected(timeout)
-                response = await asyncio.wait_for(request(client), timeout)
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    response = await request(client)
             except (TimeoutError, ModbusException, OSError, NoAnswerError) as exc:
                 self.failures += 1
                 await self._drop()

@@ -77,7 +77,11 @@ class DevicePoller:
 
     def __post_init__(self) -> None:
         self._map = RegisterMap(self.profile)
-        self._blocks = [(t, s, c) for t in Table for s, c in self._map.read_blocks(t)]
+        self._blocks = [
+            (t, s, c, self._map.block_decoder(t, s, c))
+            for t in Table
+            for s, c in self._map.read_blocks(t)
+        ]
         self._fields = tuple(p.name for p in self.profile.points)
         self._failures_in_row = 0
         self._backoff = Backoff(
@@ -91,9 +95,9 @@ class DevicePoller:
     async def read(self) -> dict[str, Value]:
         """Read every point once; LinkError when the device does not answer usably."""
         values: dict[str, Value] = {}
-        for table, start, count in self._blocks:
+        for table, start, count, decode in self._blocks:
             regs = await self.link.read(self.unit, table, start, count, self.settings.timeout)
-            values.update(self._map.decode(table, start, regs))
+            values.update(decode(regs))
         bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise LinkError(f"{self.device_id}: non-finite value in {', '.join(bad)}")
@@ -133,8 +137,13 @@ class DevicePoller:
                 if delay == self.settings.interval
                 else loop.time() + delay
             )
+            wait = due - loop.time()
+            if wait <= 0:
+                await asyncio.sleep(0)  # let the others run
+                continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
+                async with asyncio.timeout(wait):
+                    await stop.wait()
 
     # ------------------------------------------------------------------ outcomes
 

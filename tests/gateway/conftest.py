@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from firmware_sim.engine import Simulation
 from firmware_sim.modbus import ModbusFleet
 from firmware_sim.scenario import FleetSpec, Scenario, parse_event
-from tests.conftest import Broker, free_port
+from tests.conftest import Broker, free_port, free_port_block
 
 T = TypeVar("T")
 
@@ -27,15 +28,18 @@ class SimServer:
     can be compared exactly); a test steps it or injects events through :meth:`call`.
     """
 
-    def __init__(self, detectors: int, meters: int, per_device_ports: bool) -> None:
+    def __init__(
+        self, detectors: int, meters: int, per_device_ports: bool, rtu_framing: bool = False
+    ) -> None:
         scenario = Scenario(seed=9, fleet=FleetSpec(detectors=detectors, meters=meters))
         self.sim = Simulation(scenario, start_ms=1_767_250_000_000)
         self.sim.run_for(120)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        port = free_port_block(detectors + meters) if per_device_ports else free_port()
         self.fleet = ModbusFleet(
-            self.sim, "127.0.0.1", free_port(), per_device_ports=per_device_ports
+            self.sim, "127.0.0.1", port, per_device_ports=per_device_ports, rtu_framing=rtu_framing
         )
         asyncio.run_coroutine_threadsafe(self.fleet.start(), self.loop).result(10)
 
@@ -58,6 +62,12 @@ class SimServer:
     def values(self, device_id: str) -> dict[str, float | bool]:
         return self.call(lambda: self.sim.values(self.sim.device(device_id)))
 
+    def restart(self, down_for: float) -> None:
+        """Power-cycle: every port closes, then listens again after ``down_for`` seconds."""
+        asyncio.run_coroutine_threadsafe(self.fleet.stop(), self.loop).result(10)
+        time.sleep(down_for)
+        asyncio.run_coroutine_threadsafe(self.fleet.start(), self.loop).result(10)
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.fleet.stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -68,8 +78,13 @@ class SimServer:
 def sim_server() -> Iterator[Callable[..., SimServer]]:
     servers: list[SimServer] = []
 
-    def make(detectors: int = 3, meters: int = 3, per_device_ports: bool = False) -> SimServer:
-        server = SimServer(detectors, meters, per_device_ports)
+    def make(
+        detectors: int = 3,
+        meters: int = 3,
+        per_device_ports: bool = False,
+        rtu_framing: bool = False,
+    ) -> SimServer:
+        server = SimServer(detectors, meters, per_device_ports, rtu_framing)
         servers.append(server)
         return server
 
@@ -89,6 +104,7 @@ def gateway_config(
     extra: str = "",
     devices: str = "",
     batching: str = "max_readings = 50\nmax_delay_ms = 100",
+    transport: str = "tcp",
 ) -> Path:
     """A config file for every simulated device, polled over Modbus TCP."""
     lines = [
@@ -103,7 +119,7 @@ def gateway_config(
         d = e.device
         lines.append(
             f'[[devices]]\nid = "{d.id}"\nkind = "{d.kind}"\nprofile = "{e.profile}"\n'
-            f'transport = "tcp"\nhost = "{e.host}"\nport = {e.port}\nunit = {e.unit}'
+            f'transport = "{transport}"\nhost = "{e.host}"\nport = {e.port}\nunit = {e.unit}'
         )
     lines.append(devices)
     path = tmp_path / "gateway.toml"

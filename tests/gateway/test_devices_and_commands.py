@@ -208,3 +208,45 @@ def test_mqtt_native_devices_are_forwarded_in_the_same_batches(
     finally:
         gw.stop()
         collector.close()
+
+
+def test_devices_come_back_after_their_modbus_server_power_cycles(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(2, 2)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, interval=0.1))
+    pollers = gw.gateway.pollers  # type: ignore[union-attr]
+    try:
+        time.sleep(0.5)
+        server.restart(down_for=3.0)  # long enough for every device to be lost
+        lost = gw.call(lambda: {i: p.stats.failures for i, p in pollers.items()})
+        assert all(lost.values()), lost
+        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = gw.call(lambda: {i: p.state for i, p in pollers.items()})
+            if set(states.values()) == {"ok"}:
+                break
+            time.sleep(0.1)
+        assert set(states.values()) == {"ok"}, states
+    finally:
+        gw.stop()
+
+
+def test_rtu_over_tcp_serialises_devices_on_one_bus(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(2, 2, rtu_framing=True)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, transport="rtu-over-tcp"))
+    try:
+        collector.wait_until(
+            lambda: all(readings_of(collector, d.id) for d in server.sim.fleet.devices())
+        )
+        links = gw.call(lambda: list(gw.gateway.links))  # type: ignore[union-attr]
+        assert len(links) == 1 and links[0].startswith("rtu-over-tcp://")
+        got = readings_of(collector, "M-0002")[-1]
+        assert got["volume_m3"] == pytest.approx(server.values("M-0002")["volume_m3"], abs=0.001)
+    finally:
+        gw.stop()
+        collector.close()
