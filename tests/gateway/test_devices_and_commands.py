@@ -250,3 +250,33 @@ def test_rtu_over_tcp_serialises_devices_on_one_bus(
     finally:
         gw.stop()
         collector.close()
+
+
+def test_metrics_are_readable_locally(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    server = sim_server(1, 1)
+    port = free_port()
+    extra = f"[metrics]\nport = {port}"
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, extra=extra))
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if gw.call(lambda: gw.gateway.forwarder.acked) > 0:  # type: ignore[union-attr]
+                break
+            time.sleep(0.1)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        status = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5).read())
+    finally:
+        gw.stop()
+    assert 'gasguard_gateway_polls_total{gateway="GW-T"}' in text
+    assert 'gasguard_gateway_device_polls{gateway="GW-T",device="M-0001"}' in text
+    assert "gasguard_gateway_spool_batches" in text and "gasguard_gateway_last_puback_ms" in text
+    acked = next(line for line in text.splitlines() if line.startswith("gasguard_gateway_acked_total"))
+    assert int(acked.split()[-1]) > 0
+    assert {d["id"] for d in status["devices"]} == {"D-0001", "M-0001"}
+    assert status["figures"]["broker_connected"][1] == 1
