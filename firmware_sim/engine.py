@@ -4,7 +4,8 @@ Physics per tick (``dt`` seconds):
 
 - the meter's flow is the household's demand (see :mod:`firmware_sim.consumption`) plus any
   scenario flow (burst, continuous flow, micro-leak, a leak's gas), or zero while the meter's
-  valve or the detector's shut-off valve is closed; the volume register integrates it;
+  valve or the detector's shut-off valve is closed; the volume register integrates it (forward
+  flow only: during a reverse flow the meter shows the negative flow and its register stands);
 - the detector reads a low noisy background plus the leak's indoor concentration, which ramps
   up while a leak is active and gas is supplied, and decays (ventilation) once it is not;
 - the detector's own alarm output switches on at 10 %LEL and off below 5 %LEL (hysteresis);
@@ -250,9 +251,11 @@ class Simulation:
         self.leak_conc = np.where(self.leak_conc < target, target, np.maximum(decayed, target))
 
         flow = np.where(supply, base + fx.extra_flow + np.where(leaking, fx.leak_flow, 0.0), 0.0)
-        self.volume = self.volume + flow * dt / 3600.0
         reversing = (fx.reverse_flow > 0) & supply
         flow = np.where(reversing, -fx.reverse_flow, flow)
+        # The register counts forward flow only: while gas runs backwards it stands still (the
+        # meter flags reverse_flow instead of counting the household's demand as well).
+        self.volume = self.volume + np.clip(flow, 0.0, None) * dt / 3600.0
         pressure = self._nominal_kpa[self.fleet.district_of] + 0.02 * noise[2]
         pressure = np.where(np.isnan(fx.pressure_to), pressure, fx.pressure_to + 0.01 * noise[2])
         self.battery = np.maximum(self.battery - dt * 3e-7, 0.0)

@@ -104,6 +104,21 @@ def test_meter_volume_integrates_flow() -> None:
     assert after - before >= 0.6 - 1e-6  # an hour of 0.6 m3/h plus whatever the household drew
 
 
+def test_reverse_flow_does_not_add_forward_flow_to_the_volume_register() -> None:
+    sim = sim_with(
+        {"device": "M-0001", "type": "continuous_flow", "flow_m3h": 0.6},
+        {"device": "M-0001", "type": "reverse_flow", "flow_m3h": 0.2, "duration": "30m"},
+        dt=2.0,
+    )
+    before = shown(sim, "M-0001")["volume_m3"]
+    sim.run_for(1200)  # 20 minutes of demand while the gas runs backwards
+    during = shown(sim, "M-0001")
+    assert during["reverse_flow"] is True and during["flow_m3h"] == -0.2
+    assert during["volume_m3"] == before, "the register stands during a reverse flow"
+    sim.run_for(1800)  # the reverse flow ended after 30 minutes: counting resumes
+    assert shown(sim, "M-0001")["volume_m3"] >= before + 0.6 * 0.25
+
+
 def test_detector_background_is_low_and_noisy() -> None:
     sim = sim_with(detectors=20, meters=0)
     samples = []
