@@ -270,13 +270,17 @@ def test_metrics_are_readable_locally(
                 break
             time.sleep(0.1)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        status = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5).read())
+        status = orjson.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5).read()
+        )
     finally:
         gw.stop()
     assert 'gasguard_gateway_polls_total{gateway="GW-T"}' in text
     assert 'gasguard_gateway_device_polls{gateway="GW-T",device="M-0001"}' in text
     assert "gasguard_gateway_spool_batches" in text and "gasguard_gateway_last_puback_ms" in text
-    acked = next(line for line in text.splitlines() if line.startswith("gasguard_gateway_acked_total"))
+    acked = next(
+        line for line in text.splitlines() if line.startswith("gasguard_gateway_acked_total")
+    )
     assert int(acked.split()[-1]) > 0
     assert {d["id"] for d in status["devices"]} == {"D-0001", "M-0001"}
     assert status["figures"]["broker_connected"][1] == 1
