@@ -17,6 +17,7 @@ from gasguard import __version__
 def build_parser() -> argparse.ArgumentParser:
     from firmware_sim.cli import register as register_sim
     from gateway.cli import register as register_gateway
+    from ingest.cli import register as register_ingest
 
     parser = argparse.ArgumentParser(prog="gasguard", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gasguard {__version__}")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_sim(commands)
     register_gateway(commands)
+    register_ingest(commands)
     return parser
 
 

@@ -1,0 +1,106 @@
+"""``gasguard db migrate``, ``gasguard devices import FILE.csv``, ``gasguard ingest run``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    db = commands.add_parser("db", help="the database: migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    migrate = db_sub.add_parser("migrate", help="apply the schema migrations that are missing")
+    migrate.add_argument(
+        "--mode",
+        choices=["auto", "stock", "timescale"],
+        default="auto",
+        help="storage mode for a new database (default: TimescaleDB when installed)",
+    )
+    migrate.set_defaults(handler=_migrate)
+
+    devices = commands.add_parser("devices", help="the device registry")
+    dev_sub = devices.add_subparsers(dest="devices_command", required=True, metavar="COMMAND")
+    imp = dev_sub.add_parser("import", help="import gateways, households and devices from CSV")
+    imp.add_argument("file", type=Path)
+    imp.set_defaults(handler=_import)
+
+    ingest = commands.add_parser(
+        "ingest", help="the ingest consumer (MQTT -> detection -> database)"
+    )
+    ing_sub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="COMMAND")
+    run = ing_sub.add_parser("run", help="consume until Ctrl-C")
+    run.set_defaults(handler=_run)
+
+
+async def _connect() -> object:
+    import psycopg
+
+    from gasguard.settings import CommonSettings
+
+    url = CommonSettings().database_url
+    try:
+        return await psycopg.AsyncConnection.connect(url, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+        raise ValueError(
+            f"cannot connect to the database (GASGUARD_DATABASE_URL): {first}"
+        ) from None
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from ingest.storage import MigrationError, choose_mode, migrate
+
+    async def main() -> None:
+        conn = await _connect()
+        async with conn:  # type: ignore[attr-defined]
+            mode = None if args.mode == "auto" else args.mode
+            chosen = mode or await choose_mode(conn)  # type: ignore[arg-type]
+            try:
+                done = await migrate(conn, chosen)  # type: ignore[arg-type]
+            except MigrationError as exc:
+                raise ValueError(str(exc)) from None
+            print(
+                f"storage: {chosen}; applied {len(done)} migration(s)"
+                + (": " + ", ".join(done) if done else "")
+            )
+
+    asyncio.run(main())
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ingest.registry import RegistryError, import_csv
+
+    async def main() -> int:
+        conn = await _connect()
+        async with conn:  # type: ignore[attr-defined]
+            return await import_csv(conn, args.file)  # type: ignore[arg-type]
+
+    try:
+        count = asyncio.run(main())
+    except RegistryError as exc:
+        raise ValueError(f"nothing imported:\n{exc}") from None
+    print(f"imported {count} devices from {args.file}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ingest.consumer import Ingest
+    from ingest.settings import IngestSettings
+
+    async def main() -> None:
+        ingest = Ingest(IngestSettings())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await ingest.run(stop)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+
+    asyncio.run(main())
+    print("ingest stopped.")
+    return 0

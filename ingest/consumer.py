@@ -1,0 +1,434 @@
+"""The ingest consumer: MQTT (QoS 1, persistent session, manual acknowledgement) ->
+micro-batches -> numpy columns -> detection -> one PostgreSQL transaction -> acknowledge.
+
+A message is acknowledged only after the transaction holding its readings has committed. If
+the database is down, nothing is acknowledged: the micro-batch is retried with backoff, and
+the broker keeps everything else queued for this consumer's session. A crash loses nothing:
+unacknowledged messages are redelivered, and batch ids make the repeats no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import psycopg
+
+from gasguard.backoff import Backoff
+from gasguard.fields import FIELDS, KINDS
+from gasguard.mqtt_link import MqttLink, MqttOptions
+from gasguard.wire import Batch, WireError, decode_batch
+from ingest.detection import Detection
+from ingest.health import Health
+from ingest.registry import Registry, load_registry
+from ingest.settings import IngestSettings
+from ingest.storage import Partitions, choose_mode, refresh_rollups
+from ingest.writer import (
+    DeadLetter,
+    claim_batches,
+    copy_readings,
+    load_state,
+    raise_confidence,
+    save_state,
+    write_alarms,
+    write_dead_letters,
+)
+
+log = logging.getLogger(__name__)
+DAY_MS = 86_400_000
+
+
+def shard_of(gateway_id: str, shards: int) -> int:
+    """The consumer shard that owns a gateway (stable across processes and restarts)."""
+    return zlib.crc32(gateway_id.encode()) % shards
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int  # which MQTT connection it came on (acks only make sense on that one)
+
+
+@dataclass
+class Accepted:
+    message: Message
+    batch: Batch
+    keys: np.ndarray  # device key per reading
+
+
+class Ingest:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.health = Health(settings)
+        self.registry = Registry()
+        self.detection = Detection(settings.ingest_utc_offset_hours)
+        self.partitions = Partitions("stock")
+        self.mode = "stock"
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._db_backoff = Backoff(base=0.5, cap=15.0)
+        self._inbox: list[Message] = []
+        self._db_lock = asyncio.Lock()  # one connection: the loop and the jobs take turns
+        self._wake = asyncio.Event()
+        self._last_state_save = 0.0
+        self._last_rollup = datetime.now(UTC) - timedelta(hours=2)
+        s = settings
+        self.link = MqttLink(
+            MqttOptions(
+                host=s.mqtt_host,
+                port=s.mqtt_port,
+                username=s.mqtt_username,
+                password=s.mqtt_password.get_secret_value() if s.mqtt_password else None,
+                tls=s.mqtt_tls,
+                client_id=f"{s.ingest_client_id}-{s.ingest_shard}",
+                clean_start=False,
+                session_expiry_s=7 * 86400,
+                manual_ack=True,
+                receive_maximum=s.ingest_receive_maximum,
+                subscriptions=(),
+            )
+        )
+        self.link.on_message = self._on_message
+
+    # ------------------------------------------------------------------ MQTT side
+
+    def _subscriptions(self) -> tuple[tuple[str, int], ...]:
+        s = self.settings
+        if s.ingest_shards == 1:
+            return (("gasguard/v1/+/telemetry", 1), ("gasguard/v1/+/alarm", 1))
+        mine = sorted(
+            g for g in self.registry.gateways if shard_of(g, s.ingest_shards) == s.ingest_shard
+        )
+        return tuple((f"gasguard/v1/{g}/{ch}", 1) for g in mine for ch in ("telemetry", "alarm"))
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.append(
+            Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.link.connects)
+        )
+        if len(self._inbox) >= self.settings.ingest_max_messages or len(self._inbox) == 1:
+            self._wake.set()
+
+    def _ack(self, messages: Sequence[Message]) -> None:
+        generation = self.link.connects
+        for m in messages:
+            if m.generation == generation and m.qos > 0:
+                self.link.ack(m.mid, m.qos)
+
+    # ------------------------------------------------------------------ database side
+
+    async def connect_db(self) -> psycopg.AsyncConnection[Any]:
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.settings.database_url, connect_timeout=5, autocommit=True
+                )
+                break
+            except psycopg.OperationalError as exc:
+                delay = self._db_backoff.next()
+                log.error(
+                    "database unavailable (%s); retrying in %.1f s",
+                    str(exc).strip().splitlines()[0],
+                    delay,
+                )
+                self.health.db_errors.inc()
+                await asyncio.sleep(delay)
+        self._db_backoff.reset()
+        self.mode = await choose_mode(conn)
+        cur = await conn.execute("SELECT to_regclass('meter_readings') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise RuntimeError(
+                "the database has no GasGuard schema: run 'gasguard db migrate' first"
+            )
+        self.partitions = Partitions(self.mode)
+        await self.partitions.load(conn)
+        await self.partitions.ensure_ahead(conn)
+        self.registry = await load_registry(conn)
+        log.info("database ready: %s storage, %d devices", self.mode, len(self.registry.by_id))
+        self._conn = conn
+        return conn
+
+    async def _db(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = None
+            return await self.connect_db()
+        return self._conn
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def accept(self, messages: Sequence[Message]) -> tuple[list[Accepted], list[DeadLetter]]:
+        """Decode and check each message; what fails goes to dead letters with the reason."""
+        accepted, dead = [], []
+        for m in messages:
+            parts = m.topic.split("/")
+            topic_gw = parts[2] if len(parts) == 4 else None
+            try:
+                batch = decode_batch(m.payload)
+            except WireError as exc:
+                dead.append(DeadLetter(m.topic, m.payload, exc.field, exc.reason))
+                continue
+            if batch.gw != topic_gw:
+                dead.append(
+                    DeadLetter(
+                        m.topic,
+                        m.payload,
+                        "gw",
+                        f"payload is from {batch.gw!r}, topic from {topic_gw!r}",
+                    )
+                )
+                continue
+            if batch.gw not in self.registry.gateways:
+                dead.append(DeadLetter(m.topic, m.payload, "gw", f"unknown gateway {batch.gw!r}"))
+                continue
+            keys = np.empty(len(batch), dtype=np.int64)
+            problem = None
+            for i, dev in enumerate(batch.dev.tolist()):
+                info = self.registry.by_id.get(dev)
+                if info is None or info.gateway_id != batch.gw:
+                    problem = f"device {dev!r} is not registered to gateway {batch.gw!r}"
+                    break
+                if info.kind != batch.kind:
+                    problem = f"device {dev!r} is a {info.kind}, the batch says {batch.kind}"
+                    break
+                keys[i] = info.key
+            if problem:
+                dead.append(DeadLetter(m.topic, m.payload, "dev", problem))
+                continue
+            accepted.append(Accepted(m, batch, keys))
+        return accepted, dead
+
+    async def process(self, messages: Sequence[Message]) -> None:
+        """Store a micro-batch in one transaction (retrying while the database is away)."""
+        started = time.monotonic()
+        accepted, dead = self.accept(messages)
+        while True:
+            try:
+                async with self._db_lock:
+                    await self._transaction(accepted, dead)
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self.health.db_errors.inc()
+                delay = self._db_backoff.next()
+                log.error(
+                    "database write failed (%s); nothing acknowledged, retrying in %.1f s",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    delay,
+                )
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.close()
+                self._conn = None
+                await asyncio.sleep(delay)
+        self._db_backoff.reset()
+        self._ack(messages)
+        self.health.batch_done(
+            messages=len(messages),
+            dead=len(dead),
+            latency_s=time.monotonic() - started,
+            newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
+        )
+
+    async def _transaction(self, accepted: list[Accepted], dead: list[DeadLetter]) -> None:
+        conn = await self._db()
+        unique: dict[tuple[str, int], Accepted] = {}
+        for a in accepted:  # a batch and its redelivery can share one micro-batch
+            unique.setdefault((a.batch.gw, a.batch.seq), a)
+        self.health.duplicates.inc(len(accepted) - len(unique))
+        accepted = list(unique.values())
+        ids = [(a.batch.gw, a.batch.seq, len(a.batch)) for a in accepted]
+        # day partitions first, in their own short transactions
+        for kind in KINDS:
+            days = {
+                int(d)
+                for a in accepted
+                if a.batch.kind == kind
+                for d in np.unique(a.batch.ts // DAY_MS)
+            }
+            await self.partitions.ensure(conn, f"{kind}_readings", sorted(days))
+        checkpoint = self.detection.checkpoint()
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                fresh = await claim_batches(cur, ids)
+                new = [a for a in accepted if (a.batch.gw, a.batch.seq) in fresh]
+                self.health.duplicates.inc(len(accepted) - len(new))
+                changes = []
+                for kind in KINDS:
+                    mine = [a for a in new if a.batch.kind == kind]
+                    if not mine:
+                        continue
+                    groups: dict[frozenset[str], list[Accepted]] = {}
+                    for a in mine:
+                        groups.setdefault(frozenset(a.batch.fields), []).append(a)
+                    for group in groups.values():  # one COPY per set of columns
+                        self.health.readings.inc(await copy_readings(cur, kind, _concat(group)))
+                    changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
+                outcome = await write_alarms(cur, changes)
+                await raise_confidence(cur, outcome.raised_households)
+                await write_dead_letters(cur, dead)
+                if time.monotonic() - self._last_state_save >= self.settings.ingest_state_every_s:
+                    for kind in KINDS:
+                        await save_state(
+                            cur, self.settings.shard_name, kind, self.detection.arrays(kind)
+                        )
+                    self._last_state_save = time.monotonic()
+        except BaseException:
+            self.detection.restore(checkpoint)
+            raise
+        self.health.alarms_raised.inc(outcome.alarms_raised)
+        self.health.dead_letters.inc(len(dead))
+        for d in dead:
+            log.warning(
+                "dead letter from %s: %s%s", d.topic, f"{d.field}: " if d.field else "", d.reason
+            )
+
+    # ------------------------------------------------------------------ periodic jobs
+
+    async def silence_scan(self) -> None:
+        changes = self.detection.silence(int(time.time() * 1000), self.registry)
+        if not changes:
+            return
+        async with self._db_lock:
+            conn = await self._db()
+            async with conn.transaction(), conn.cursor() as cur:
+                outcome = await write_alarms(cur, changes)
+        self.health.alarms_raised.inc(outcome.alarms_raised)
+
+    async def housekeeping(self) -> None:
+        async with self._db_lock:
+            conn = await self._db()
+            now = datetime.now(UTC)
+            await refresh_rollups(conn, self.mode, min(self._last_rollup, now) - timedelta(hours=1))  # type: ignore[arg-type]
+            self._last_rollup = now
+            await self.partitions.ensure_ahead(conn)
+            await self.partitions.drop_older_than(conn, self.settings.ingest_retention_days)
+
+    async def refresh_registry(self) -> None:
+        async with self._db_lock:
+            conn = await self._db()
+            registry = await load_registry(conn)
+        before = self._subscriptions()
+        self.registry = registry
+        if self._subscriptions() != before:
+            self.link.update_subscriptions(self._subscriptions())
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        conn = await self.connect_db()
+        for kind in KINDS:
+            arrays = await load_state(conn, self.settings.shard_name, kind)
+            if arrays is not None:
+                self.detection.load(kind, arrays)
+                log.info("restored %s detection state", kind)
+        self.link.update_subscriptions(self._subscriptions())
+        self.health.start()
+        link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        jobs = [
+            asyncio.create_task(
+                self._every(self.settings.ingest_silence_every_s, self.silence_scan, stop)
+            ),
+            asyncio.create_task(
+                self._every(self.settings.ingest_rollup_every_s, self.housekeeping, stop)
+            ),
+            asyncio.create_task(
+                self._every(self.settings.ingest_registry_every_s, self.refresh_registry, stop)
+            ),
+            asyncio.create_task(
+                self._every(self.settings.ingest_health_every_s, self._write_health, stop)
+            ),
+        ]
+        log.info(
+            "ingest shard %s consuming from %s:%d",
+            self.settings.shard_name,
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+        )
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._wake.wait()
+                self._wake.clear()
+                if not self._inbox:
+                    continue
+                if len(self._inbox) < self.settings.ingest_max_messages:
+                    await asyncio.sleep(self.settings.ingest_max_wait_ms / 1000)
+                batch, self._inbox = (
+                    self._inbox[: self.settings.ingest_max_messages],
+                    self._inbox[self.settings.ingest_max_messages :],
+                )
+                if self._inbox:
+                    self._wake.set()
+                await self.process(batch)
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            await self.link.stop(send_offline=False)
+            link_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link_task
+            if self._conn is not None and not self._conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    async with self._conn.transaction(), self._conn.cursor() as cur:
+                        for kind in KINDS:
+                            await save_state(
+                                cur, self.settings.shard_name, kind, self.detection.arrays(kind)
+                            )
+                await self._conn.close()
+            self.health.stop()
+
+    async def _write_health(self) -> None:
+        async with self._db_lock:
+            conn = await self._db()
+            await self.health.write(conn, self.settings.shard_name, len(self._inbox))
+
+    async def _every(self, seconds: float, job: object, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                await job()  # type: ignore[operator]
+            except (psycopg.Error, OSError) as exc:
+                log.warning("%s failed: %s", getattr(job, "__name__", "job"), exc)
+                if self._conn is not None and self._conn.closed:
+                    self._conn = None
+
+
+def _concat(accepted: list[Accepted], fill: bool = False) -> dict[str, np.ndarray]:
+    """Readings of one kind as columns: the fields every batch has or, with ``fill``, every
+    field any batch has (missing numbers NaN, missing flags false)."""
+    field_sets = [set(a.batch.fields) for a in accepted]
+    names = set.union(*field_sets) if fill else set.intersection(*field_sets)
+    out: dict[str, np.ndarray] = {
+        "ts": np.concatenate([a.batch.ts for a in accepted]),
+        "device_key": np.concatenate([a.keys for a in accepted]).astype(np.int32),
+    }
+    for name in sorted(names):
+        parts = []
+        for a in accepted:
+            column = a.batch.fields.get(name)
+            if column is None:
+                spec = FIELDS[a.batch.kind][name]
+                column = (
+                    np.full(len(a.batch), np.nan)
+                    if spec.type == "float"
+                    else np.zeros(len(a.batch), bool)
+                )
+            parts.append(column)
+        out[name] = np.concatenate(parts)
+    return out

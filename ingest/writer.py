@@ -1,0 +1,256 @@
+"""One micro-batch, one transaction: batch ids first (a redelivered or replayed batch is
+then a no-op), readings by binary COPY, alarms with their outbox rows, dead letters, and now
+and then the detection state. The caller acknowledges the MQTT messages only after commit."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import psycopg
+
+from gasguard.fields import COMM_LOST, Kind
+from ingest.copy import HEADER, TRAILER, binary_rows, copy_statement
+
+log = logging.getLogger(__name__)
+
+READING_COLUMNS: dict[Kind, dict[str, str]] = {
+    "detector": {
+        "ts": "timestamptz",
+        "device_key": "integer",
+        "ch4_lel": "real",
+        "alarm": "boolean",
+        "fault": "boolean",
+        "valve_closed": "boolean",
+        "eol": "boolean",
+        "temp_c": "real",
+        "comm_lost": "boolean",
+    },
+    "meter": {
+        "ts": "timestamptz",
+        "device_key": "integer",
+        "volume_m3": "double precision",
+        "flow_m3h": "real",
+        "pressure_kpa": "real",
+        "valve_closed": "boolean",
+        "battery_pct": "real",
+        "tamper": "boolean",
+        "reverse_flow": "boolean",
+        "comm_lost": "boolean",
+    },
+}
+
+
+@dataclass
+class DeadLetter:
+    topic: str
+    payload: bytes
+    field: str | None
+    reason: str
+
+
+@dataclass
+class AlarmChange:
+    """A detection event made concrete for one registered device."""
+
+    device_key: int
+    device_id: str
+    household_id: str
+    district: str
+    rule: str
+    severity: str
+    raised: bool
+    ts_ms: int
+    value: float
+    test_mode: bool
+
+
+@dataclass
+class Outcome:
+    alarms_raised: int = 0
+    alarms_cleared: int = 0
+    outbox_rows: int = 0
+    raised_households: set[str] = field(default_factory=set)
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+async def claim_batches(
+    cur: psycopg.AsyncCursor[Any], ids: Sequence[tuple[str, int, int]]
+) -> set[tuple[str, int]]:
+    """Record (gw, seq, readings); the ones recorded now (not seen before) are returned."""
+    if not ids:
+        return set()
+    await cur.execute(
+        "INSERT INTO ingested_batches (gw, seq, readings) "
+        "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::integer[]) "
+        "ON CONFLICT DO NOTHING RETURNING gw, seq",
+        ([i[0] for i in ids], [i[1] for i in ids], [i[2] for i in ids]),
+    )
+    return {(str(gw), int(seq)) for gw, seq in await cur.fetchall()}
+
+
+async def copy_readings(
+    cur: psycopg.AsyncCursor[Any], kind: Kind, columns: dict[str, npt.NDArray[np.generic]]
+) -> int:
+    """COPY one kind's readings. Rows with comm_lost carry NULLs and take a slower path."""
+    types = READING_COLUMNS[kind]
+    n = len(columns["ts"])
+    if n == 0:
+        return 0
+    table = f"{kind}_readings"
+    lost = np.asarray(columns.get(COMM_LOST, np.zeros(n, dtype=bool)), dtype=bool)
+    names = [c for c in types if c in columns]
+    good = ~lost
+    if good.any():
+        cols = [(c, types[c], np.asarray(columns[c])[good]) for c in names]
+        async with cur.copy(copy_statement(table, names)) as copy:
+            await copy.write(HEADER + binary_rows(cols) + TRAILER)
+    if lost.any():
+        async with cur.copy(f"COPY {table} (ts, device_key, comm_lost) FROM STDIN") as copy:
+            for ms, key in zip(
+                columns["ts"][lost].tolist(), columns["device_key"][lost].tolist(), strict=True
+            ):
+                await copy.write_row((_ts(int(ms)), int(key), True))
+    return n
+
+
+async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmChange]) -> Outcome:
+    """Open and close alarms (one open per device and rule) and queue their outbox rows."""
+    out = Outcome()
+    for c in changes:
+        if c.raised:
+            await cur.execute(
+                "INSERT INTO alarms (device_key, device_id, household_id, district, rule, "
+                "severity, test_mode, raised_at, raise_value) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (device_key, rule) WHERE cleared_at IS NULL DO NOTHING RETURNING id",
+                (
+                    c.device_key,
+                    c.device_id,
+                    c.household_id,
+                    c.district,
+                    c.rule,
+                    c.severity,
+                    c.test_mode,
+                    _ts(c.ts_ms),
+                    _finite(c.value),
+                ),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                continue  # already open (e.g. raised again after a restart)
+            out.alarms_raised += 1
+            out.raised_households.add(c.household_id)
+        else:
+            await cur.execute(
+                "UPDATE alarms SET cleared_at = %s, clear_value = %s WHERE device_key = %s "
+                "AND rule = %s AND cleared_at IS NULL RETURNING id",
+                (_ts(c.ts_ms), _finite(c.value), c.device_key, c.rule),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                continue
+            out.alarms_cleared += 1
+        payload = {
+            "alarm_id": row[0],
+            "device": c.device_id,
+            "household": c.household_id,
+            "district": c.district,
+            "rule": c.rule,
+            "severity": c.severity,
+            "test": c.test_mode,
+            "at": c.ts_ms,
+            "value": _finite(c.value),
+        }
+        await cur.execute(
+            "INSERT INTO alarm_outbox (alarm_id, event, payload) VALUES (%s, %s, %s)",
+            (row[0], "raised" if c.raised else "cleared", orjson.dumps(payload).decode()),
+        )
+        out.outbox_rows += 1
+    return out
+
+
+async def raise_confidence(cur: psycopg.AsyncCursor[Any], households: set[str]) -> int:
+    """A detector gas alarm and a meter anomaly open in the same household: both become
+    'high' confidence, and the alerting service is told."""
+    if not households:
+        return 0
+    await cur.execute(
+        """
+        WITH both_open AS (
+            SELECT household_id FROM alarms
+            WHERE cleared_at IS NULL AND household_id = ANY(%s)
+            GROUP BY household_id
+            HAVING bool_or(rule IN ('gas_low', 'gas_high', 'gas_rising'))
+               AND bool_or(rule IN ('burst', 'continuous_flow', 'micro_leak', 'valve_fault'))
+        )
+        UPDATE alarms a SET confidence = 'high' FROM both_open b
+        WHERE a.household_id = b.household_id AND a.cleared_at IS NULL AND a.confidence <> 'high'
+        RETURNING a.id, a.household_id, a.rule
+        """,
+        (sorted(households),),
+    )
+    rows = await cur.fetchall()
+    for alarm_id, household, rule in rows:
+        await cur.execute(
+            "INSERT INTO alarm_outbox (alarm_id, event, payload) VALUES (%s, 'confidence', %s)",
+            (
+                alarm_id,
+                orjson.dumps(
+                    {
+                        "alarm_id": alarm_id,
+                        "household": household,
+                        "rule": rule,
+                        "confidence": "high",
+                    }
+                ).decode(),
+            ),
+        )
+    return len(rows)
+
+
+async def write_dead_letters(cur: psycopg.AsyncCursor[Any], letters: Sequence[DeadLetter]) -> None:
+    if letters:
+        await cur.executemany(
+            "INSERT INTO dead_letters (topic, payload, field, reason) VALUES (%s, %s, %s, %s)",
+            [(d.topic, d.payload, d.field, d.reason) for d in letters],
+        )
+
+
+async def save_state(
+    cur: psycopg.AsyncCursor[Any], shard: str, kind: Kind, arrays: dict[str, np.ndarray]
+) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    await cur.execute(
+        "INSERT INTO detection_state (shard, kind, state) VALUES (%s, %s, %s) "
+        "ON CONFLICT (shard, kind) DO UPDATE SET state = excluded.state, saved_at = now()",
+        (shard, kind, buf.getvalue()),
+    )
+
+
+async def load_state(
+    conn: psycopg.AsyncConnection[Any], shard: str, kind: Kind
+) -> dict[str, np.ndarray] | None:
+    cur = await conn.execute(
+        "SELECT state FROM detection_state WHERE shard = %s AND kind = %s", (shard, kind)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    with np.load(io.BytesIO(bytes(row[0]))) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
