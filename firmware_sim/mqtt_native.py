@@ -41,11 +41,25 @@ class SeqCounter:
         seq = self._next
         self._next += 1
         if self._path is not None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(".tmp")
-            tmp.write_text(str(self._next))
-            os.replace(tmp, self._path)
+            self._save()
         return seq
+
+    def _save(self) -> None:
+        """Replace the file atomically, its new content on disk first (a power cut must not
+        leave an empty file, and so a sequence that starts again at 1)."""
+        assert self._path is not None
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(str(self._next))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        folder = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
 
 
 def snapshot_batches(
@@ -153,10 +167,14 @@ class MqttFleet:
     def publish_alarm_changes(self) -> list[mqtt.MQTTMessageInfo]:
         """A detector whose own alarm flag changed since the last call is published at once."""
         ids = self.sim.device_ids("detector")
+        n = len(ids)
         shown = self.sim.reported["detector"]
-        alarm = shown["alarm"]
-        changed = (alarm != self._last_alarm)[: len(ids)] & self.sim.answering("detector")
-        self._last_alarm = alarm.copy()
+        alarm = shown["alarm"][:n]
+        answering = self.sim.answering("detector")
+        changed = (alarm != self._last_alarm[:n]) & answering
+        # Only what was published is remembered: a silent detector whose flag changed meanwhile
+        # publishes the change when it answers again.
+        self._last_alarm[:n] = np.where(answering, alarm, self._last_alarm[:n])
         infos = []
         for i in np.flatnonzero(changed):
             batch = make_batch(

@@ -16,8 +16,6 @@ from firmware_sim.scenario import FleetSpec, Scenario, parse_event
 from tests.collector import Collector
 from tests.conftest import Broker, free_port
 
-pytestmark = pytest.mark.integration
-
 
 def make_sim(detectors: int, meters: int, *events: dict[str, object]) -> Simulation:
     scenario = Scenario(
@@ -28,6 +26,7 @@ def make_sim(detectors: int, meters: int, *events: dict[str, object]) -> Simulat
     return Simulation(scenario, dt=10.0, start_ms=int(time.time() * 1000) - 86_400_000)
 
 
+@pytest.mark.integration
 def test_fleet_publishes_every_reading_once_with_the_simulated_values(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
@@ -78,6 +77,7 @@ def test_fleet_publishes_every_reading_once_with_the_simulated_values(
     assert SeqCounter(tmp_path / "seq").take() == 241, "a restarted fleet continues the sequence"
 
 
+@pytest.mark.integration
 def test_alarm_flag_change_is_published_at_once_on_the_alarm_topic(mosquitto: Broker) -> None:
     sim = make_sim(
         5,
@@ -107,6 +107,66 @@ def test_alarm_flag_change_is_published_at_once_on_the_alarm_topic(mosquitto: Br
     assert alarms[0][1].fields["ch4_lel"][0] >= 10.0
 
 
+@pytest.mark.integration
+def test_an_alarm_that_changed_while_the_detector_was_silent_is_published_when_it_answers(
+    mosquitto: Broker,
+) -> None:
+    sim = make_sim(
+        3,
+        0,
+        {"device": "D-0002", "type": "silent", "duration": "5m"},
+        {"at": "30s", "device": "D-0002", "type": "gas_leak", "rate_lel_per_min": 60},
+    )
+    collector = Collector(mosquitto)
+    fleet = MqttFleet(sim, mosquitto.host, mosquitto.port, gateway_id="GW-T3")
+    fleet.connect()
+    try:
+        for _ in range(20):  # 200 s: the leak alarms the detector, which says nothing
+            sim.step()
+            assert fleet.publish_alarm_changes() == []
+        assert sim.reported["detector"]["alarm"][1], "D-0002 alarms while silent"
+        for _ in range(15):  # the silence ends at 5 min
+            sim.step()
+            for info in fleet.publish_alarm_changes():
+                info.wait_for_publish(5)
+        alarms = collector.wait_for(1, timeout=5)
+    finally:
+        fleet.close()
+        collector.close()
+    assert [(c, list(b.dev), bool(b.fields["alarm"][0])) for c, b in alarms] == [
+        ("alarm", ["D-0002"], True)
+    ]
+    assert alarms[0][1].ts[0] >= sim.clock.start_ms + 300_000, "sent once it answered again"
+
+
+def test_seq_file_is_fsynced_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(("replace", str(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    path = tmp_path / "state" / "seq"
+    counter = SeqCounter(path)
+    assert [counter.take(), counter.take()] == [1, 2]
+    tmp = str(path.with_suffix(".tmp"))
+    assert calls[:3] == [("fsync", tmp), ("replace", tmp), ("fsync", str(path.parent))]
+    assert path.read_text() == "3" and not path.with_suffix(".tmp").exists()
+    assert SeqCounter(path).take() == 3
+
+
+@pytest.mark.integration
 def test_unreachable_broker_is_a_clear_error() -> None:
     sim = make_sim(1, 1)
     fleet = MqttFleet(sim, "127.0.0.1", free_port())
