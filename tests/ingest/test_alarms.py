@@ -1,0 +1,168 @@
+"""Each simulated scenario event produces its alarm, and the alarm clears when the condition
+ends: the simulator publishes, the consumer detects, the database holds the alarms and the
+outbox rows for the hotline."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from firmware_sim.engine import Simulation
+from firmware_sim.mqtt_native import SeqCounter, snapshot_batches
+from firmware_sim.scenario import FleetSpec, Scenario, parse_event
+from gasguard.wire import encode_batch, make_batch, topic
+from tests.conftest import Broker
+from tests.ingest.conftest import register, registry_csv
+from tests.ingest.harness import IngestThread, publish_all, scalar, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+EVENTS = [
+    {
+        "at": "30m",
+        "device": "D-0001",
+        "type": "gas_leak",
+        "rate_lel_per_min": 6,
+        "peak_lel": 60,
+        "duration": "20m",
+    },
+    {"at": "1h", "device": "M-0002", "type": "burst", "duration": "5m"},
+    {"at": "0s", "device": "M-0003", "type": "continuous_flow", "flow_m3h": 0.3, "duration": "7h"},
+    {"at": "0s", "device": "M-0004", "type": "micro_leak", "flow_m3h": 0.02, "duration": "5h30m"},
+    {
+        "at": "2h",
+        "district": "district-2",
+        "type": "pressure_drop",
+        "to_kpa": 0.8,
+        "duration": "30m",
+    },
+    {"at": "3h", "device": "D-0002", "type": "sensor_fault", "duration": "20m"},
+    {"at": "5h", "device": "M-0005", "type": "tamper", "duration": "10m"},
+    {"at": "5h30m", "device": "M-0006", "type": "reverse_flow", "duration": "10m"},
+]
+EXPECTED = {
+    ("D-0001", "gas_low"),
+    ("D-0001", "gas_high"),
+    ("D-0001", "gas_rising"),
+    ("M-0002", "burst"),
+    ("M-0003", "continuous_flow"),
+    ("M-0004", "micro_leak"),
+    ("M-0007", "pressure_low"),
+    ("M-0008", "pressure_low"),
+    ("D-0002", "sensor_fault"),
+    ("M-0005", "tamper"),
+    ("M-0006", "reverse_flow"),
+    ("M-0005", "pressure_low"),
+    ("M-0006", "pressure_low"),
+    # a burst is a disconnected hose: gas escapes in that household too
+    ("D-0002", "gas_low"),
+    ("D-0002", "gas_high"),
+    ("D-0002", "gas_rising"),
+}
+
+
+def local_22h_two_days_ago() -> int:
+    """22:00 local (UTC+8, the simulation's households) two days ago, in epoch ms."""
+    local_now = datetime.now(UTC) + timedelta(hours=8)
+    day = local_now.replace(hour=22, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    return int((day - timedelta(hours=8)).timestamp() * 1000)
+
+
+def test_every_scenario_event_raises_its_alarm_and_clears_it(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-S", 8, 8, districts=2))
+    scenario = Scenario(
+        seed=21,
+        fleet=FleetSpec(detectors=8, meters=8, districts=2),
+        events=tuple(parse_event(e) for e in EVENTS),
+    )
+    sim = Simulation(scenario, dt=10.0, start_ms=local_22h_two_days_ago())
+    seq, messages = SeqCounter(), []
+    for _ in range(14 * 60):  # 14 hours, a reading a minute
+        sim.run_for(60)
+        messages += [
+            (topic("GW-S", "telemetry"), encode_batch(b))
+            for b in snapshot_batches(sim, "GW-S", seq, 200)
+        ]
+    # the past timeline would look silent to the wall clock: no silence scan in this test
+    ingest = IngestThread(settings_for(database, mosquitto, ingest_silence_every_s=3600))
+    try:
+        publish_all(mosquitto, messages)
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM ingested_batches") == len(messages),
+            what="all batches",
+        )
+    finally:
+        ingest.stop()
+    with psycopg.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT device_id, rule, raised_at, cleared_at, severity FROM alarms"
+        ).fetchall()
+        outbox = conn.execute("SELECT event, count(*) FROM alarm_outbox GROUP BY event").fetchall()
+    raised = {(d, r) for d, r, *_ in rows}
+    assert EXPECTED <= raised, f"missing {EXPECTED - raised}"
+    still_open = {(d, r) for d, r, _, cleared, _ in rows if cleared is None and (d, r) in EXPECTED}
+    assert not still_open, f"not cleared: {still_open}"
+    severities = {(d, r): s for d, r, _, _, s in rows}
+    assert (
+        severities[("D-0001", "gas_high")] == "critical"
+        and severities[("M-0002", "burst")] == "critical"
+    )
+    assert dict(outbox)["raised"] == len(rows) and dict(outbox)["cleared"] >= len(EXPECTED)
+    assert not (raised - EXPECTED), f"alarms nobody caused: {raised - EXPECTED}"
+
+
+def test_silent_devices_are_found_by_the_scan_and_clear_when_they_report(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    csv = registry_csv(tmp_path / "r.csv", "GW-Q", 2, 0)
+    csv.write_text(csv.read_text().replace(",60,false", ",1,false"))  # expected every second
+    register(database, csv)
+
+    def reading(seq: int, devices: list[str]) -> tuple[str, bytes]:
+        now = int(time.time() * 1000)
+        b = make_batch(
+            "GW-Q",
+            seq,
+            "detector",
+            devices,
+            [now] * len(devices),
+            {"ch4_lel": [0.4] * len(devices), "alarm": [False] * len(devices)},
+        )
+        return topic("GW-Q", "telemetry"), encode_batch(b)
+
+    ingest = IngestThread(settings_for(database, mosquitto, ingest_silence_every_s=0.5))
+    try:
+        publish_all(mosquitto, [reading(1, ["D-0001", "D-0002"])])
+        for seq in range(2, 12):  # D-0002 keeps reporting, D-0001 falls silent
+            time.sleep(0.5)
+            publish_all(mosquitto, [reading(seq, ["D-0002"])])
+        wait_for(
+            lambda: (
+                scalar(
+                    database,
+                    "SELECT count(*) FROM alarms WHERE rule = 'silent' AND cleared_at IS NULL",
+                )
+                == 1
+            ),
+            what="silent raised",
+        )
+        assert scalar(database, "SELECT device_id FROM alarms WHERE rule = 'silent'") == "D-0001"
+        publish_all(mosquitto, [reading(20, ["D-0001", "D-0002"])])
+        wait_for(
+            lambda: (
+                scalar(
+                    database,
+                    "SELECT count(*) FROM alarms WHERE rule = 'silent' AND cleared_at IS NOT NULL",
+                )
+                == 1
+            ),
+            what="silent cleared",
+        )
+    finally:
+        ingest.stop()
