@@ -32,7 +32,7 @@ Checkpoint = dict[Kind, dict[str, np.ndarray]]
 
 # A household's usual peak is learned over a week of readings at one a minute before a flow
 # far above it counts as a burst (a day of a continuous flow would otherwise become the peak).
-METER_DEFAULTS = {"burst_learn_samples": 7 * 24 * 60}
+BURST_LEARN_SAMPLES = 7 * 24 * 60
 
 
 class Detection:
@@ -42,7 +42,9 @@ class Detection:
         self.meters = MeterState(0)
         self._params_for: int | None = None
         self._detector_params = DetectorParams()
-        self._meter_params = MeterParams(utc_offset_ms=self.utc_offset_ms, **METER_DEFAULTS)
+        self._meter_params = MeterParams(
+            utc_offset_ms=self.utc_offset_ms, burst_learn_samples=BURST_LEARN_SAMPLES
+        )
 
     def _prepare(self, registry: Registry) -> None:
         capacity = registry.capacity
@@ -53,7 +55,7 @@ class Detection:
             interval = registry.interval_array().astype(np.float64)
             self._detector_params = DetectorParams(expected_interval_ms_by_device=interval)
             self._meter_params = MeterParams(
-                **METER_DEFAULTS,
+                burst_learn_samples=BURST_LEARN_SAMPLES,
                 utc_offset_ms=self.utc_offset_ms,
                 qmax_by_device=np.where(
                     np.isfinite(registry.qmax_array()), registry.qmax_array(), np.nan
