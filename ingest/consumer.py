@@ -39,6 +39,7 @@ from ingest.writer import (
     load_state,
     raise_confidence,
     save_state,
+    update_district_incidents,
     write_alarms,
     write_dead_letters,
 )
@@ -275,6 +276,9 @@ class Ingest:
                     changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
                 outcome = await write_alarms(cur, changes)
                 await raise_confidence(cur, outcome.raised_households)
+                await update_district_incidents(
+                    cur, {c.district for c in changes if c.rule == "pressure_low"}
+                )
                 await write_dead_letters(cur, dead)
                 if time.monotonic() - self._last_state_save >= self.settings.ingest_state_every_s:
                     for kind in KINDS:

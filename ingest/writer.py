@@ -219,6 +219,45 @@ async def raise_confidence(cur: psycopg.AsyncCursor[Any], households: set[str]) 
     return len(rows)
 
 
+async def update_district_incidents(
+    cur: psycopg.AsyncCursor[Any], districts: set[str], min_share: float = 0.3, min_count: int = 3
+) -> int:
+    """Many meters of one district with low pressure at once are one network incident: open
+    it when at least ``min_count`` meters and ``min_share`` of the district's meters have an
+    open pressure_low alarm, close it when that is no longer so. Returns incidents opened."""
+    if not districts:
+        return 0
+    await cur.execute(
+        """
+        WITH low AS (
+            SELECT h.district,
+                   count(*) FILTER (WHERE a.id IS NOT NULL) AS low, count(*) AS meters
+            FROM devices d JOIN households h ON h.id = d.household_id
+            LEFT JOIN alarms a ON a.device_key = d.key AND a.rule = 'pressure_low'
+                               AND a.cleared_at IS NULL
+            WHERE d.kind = 'meter' AND h.district = ANY(%(d)s)
+            GROUP BY h.district
+        ), opened AS (
+            INSERT INTO district_incidents (district, rule, opened_at, households)
+            SELECT district, 'pressure_low', now(), low FROM low
+            WHERE low >= %(n)s AND low >= %(share)s * meters
+            ON CONFLICT (district, rule) WHERE closed_at IS NULL
+                DO UPDATE SET households = excluded.households
+            RETURNING (xmax = 0) AS new
+        ), closed AS (
+            UPDATE district_incidents i SET closed_at = now() FROM low
+            WHERE i.district = low.district AND i.rule = 'pressure_low' AND i.closed_at IS NULL
+              AND NOT (low.low >= %(n)s AND low.low >= %(share)s * low.meters)
+            RETURNING i.id
+        )
+        SELECT (SELECT count(*) FROM opened WHERE new), (SELECT count(*) FROM closed)
+        """,
+        {"d": sorted(districts), "n": min_count, "share": min_share},
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def write_dead_letters(cur: psycopg.AsyncCursor[Any], letters: Sequence[DeadLetter]) -> None:
     if letters:
         await cur.executemany(

@@ -100,6 +100,9 @@ def test_every_scenario_event_raises_its_alarm_and_clears_it(
     finally:
         ingest.stop()
     with psycopg.connect(database) as conn:
+        incidents = conn.execute(
+            "SELECT district, households, closed_at FROM district_incidents"
+        ).fetchall()
         rows = conn.execute(
             "SELECT device_id, rule, raised_at, cleared_at, severity FROM alarms"
         ).fetchall()
@@ -115,6 +118,8 @@ def test_every_scenario_event_raises_its_alarm_and_clears_it(
     )
     assert dict(outbox)["raised"] == len(rows) and dict(outbox)["cleared"] >= len(EXPECTED)
     assert not (raised - EXPECTED), f"alarms nobody caused: {raised - EXPECTED}"
+    assert [(d, closed is not None) for d, _, closed in incidents] == [("district-2", True)]
+    assert incidents[0][1] >= 3, "one network incident for the district, with its households"
 
 
 def test_silent_devices_are_found_by_the_scan_and_clear_when_they_report(
