@@ -171,3 +171,44 @@ def test_silent_devices_are_found_by_the_scan_and_clear_when_they_report(
         )
     finally:
         ingest.stop()
+
+
+def test_a_leak_that_began_before_a_restart_is_still_seen(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-R", 1, 0))
+    now = int(time.time() * 1000) - 600_000
+
+    def reading(seq: int, ch4: float) -> tuple[str, bytes]:
+        b = make_batch(
+            "GW-R",
+            seq,
+            "detector",
+            ["D-0001"],
+            [now + seq * 60_000],
+            {"ch4_lel": [ch4], "alarm": [False]},
+        )
+        return topic("GW-R", "telemetry"), encode_batch(b)
+
+    first = IngestThread(settings_for(database, mosquitto, ingest_client_id="ingest-restart"))
+    try:
+        publish_all(
+            mosquitto, [reading(1, 9.0), reading(2, 12.0)]
+        )  # one sample over 10 %LEL: not yet
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM detector_readings") == 2, what="stored"
+        )
+    finally:
+        first.stop()
+    assert scalar(database, "SELECT count(*) FROM alarms") == 0
+    second = IngestThread(settings_for(database, mosquitto, ingest_client_id="ingest-restart"))
+    try:
+        publish_all(
+            mosquitto, [reading(3, 14.0)]
+        )  # the second consecutive sample, after the restart
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM alarms WHERE rule = 'gas_low'") == 1,
+            what="gas_low",
+        )
+    finally:
+        second.stop()
