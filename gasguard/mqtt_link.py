@@ -5,6 +5,11 @@ Each connection attempt gets a fresh paho client, so nothing paho queued for an 
 connection is re-sent behind the caller's back: the owner (e.g. the gateway's spool
 forwarder) decides what to send again after a reconnect. Subscriptions are renewed on every
 CONNACK. The Last Will and the retained ``online`` state are set per link.
+
+The owner's callbacks (``on_message``, ``on_published``, ``on_connected``, ``on_disconnected``)
+run inside paho's read loop. Whatever they raise is logged once (with its traceback) and
+counted, and never reaches paho: paho would otherwise handle the same packet again on every
+read, forever.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class MqttLink:
         self._stop_event = asyncio.Event()
         self._misc: asyncio.Task[None] | None = None
         self._refused: str | None = None
+        self._subscriptions: tuple[tuple[str, int], ...] = options.subscriptions
+        self.callback_errors = 0  # exceptions raised by the owner's callbacks
+        self._callbacks_failed: set[str] = set()
 
     @property
     def connected(self) -> bool:
@@ -99,6 +107,19 @@ class MqttLink:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return int(info.mid)
+
+    def update_subscriptions(self, subscriptions: tuple[tuple[str, int], ...]) -> None:
+        """Change what the link subscribes to, now and on every later CONNACK."""
+        old = {t for t, _ in self._subscriptions}
+        self._subscriptions = subscriptions
+        client = self._client
+        if client is not None and self.connected:
+            for topic, qos in subscriptions:
+                if topic not in old:
+                    client.subscribe(topic, qos=qos)
+            gone = old - {t for t, _ in subscriptions}
+            if gone:
+                client.unsubscribe(sorted(gone))
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (manual-ack links)."""
@@ -256,7 +277,22 @@ class MqttLink:
                     sock.close()
         if was_connected:
             log.warning("MQTT link to %s:%d lost: %s", self.options.host, self.options.port, reason)
-            self.on_disconnected(reason)
+            self._call_owner("on_disconnected", self.on_disconnected, reason)
+
+    def _call_owner(self, name: str, callback: Callable[..., None], *args: Any) -> None:
+        """Run one of the owner's callbacks; what it raises stays here (logged once, counted)."""
+        try:
+            callback(*args)
+        except Exception:  # the owner's bug, whatever it is: paho must never see it
+            self.callback_errors += 1
+            if name not in self._callbacks_failed:
+                self._callbacks_failed.add(name)
+                log.exception(
+                    "MQTT link to %s:%d: %s raised (logged once; later errors are counted)",
+                    self.options.host,
+                    self.options.port,
+                    name,
+                )
 
     # ------------------------------------------------------------------ paho callbacks
 
@@ -281,14 +317,14 @@ class MqttLink:
             return
         self.backoff.reset()
         self.connects += 1
-        for topic, qos in self.options.subscriptions:
+        for topic, qos in self._subscriptions:
             client.subscribe(topic, qos=qos)
         if self.options.online is not None:
             o = self.options.online
             client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
         log.info("MQTT link to %s:%d up", self.options.host, self.options.port)
         self._connected.set()
-        self.on_connected()
+        self._call_owner("on_connected", self.on_connected)
 
     def _on_disconnect(
         self,
@@ -303,10 +339,10 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if client is self._client:
-            self.on_message(msg)
+            self._call_owner("on_message", self.on_message, msg)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode, props: object
     ) -> None:
         if client is self._client:
-            self.on_published(mid, not reason.is_failure)
+            self._call_owner("on_published", self.on_published, mid, not reason.is_failure)
