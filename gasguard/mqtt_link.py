@@ -10,6 +10,10 @@ The owner's callbacks (``on_message``, ``on_published``, ``on_connected``, ``on_
 run inside paho's read loop. Whatever they raise is logged once (with its traceback) and
 counted, and never reaches paho: paho would otherwise handle the same packet again on every
 read, forever.
+
+A broker that cannot be reached (DNS, refused, TLS, a bad CA, CONNACK refused) is logged once
+at ERROR, then quietly until the link is up again. A subscription the broker refuses (SUBACK
+reason code) is logged at ERROR and listed in ``refused_subscriptions``.
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ class MqttLink:
         self._refused: str | None = None
         self._subscriptions: tuple[tuple[str, int], ...] = options.subscriptions
         self.callback_errors = 0  # exceptions raised by the owner's callbacks
+        self.failed_attempts = 0  # connection attempts that failed since the link was last up
+        self.last_failure = ""
+        self.refused_subscriptions: set[str] = set()
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> topics
         self._callbacks_failed: set[str] = set()
 
     @property
@@ -116,7 +124,7 @@ class MqttLink:
         if client is not None and self.connected:
             for topic, qos in subscriptions:
                 if topic not in old:
-                    client.subscribe(topic, qos=qos)
+                    self._subscribe(client, topic, qos)
             gone = old - {t for t, _ in subscriptions}
             if gone:
                 client.unsubscribe(sorted(gone))
@@ -135,6 +143,8 @@ class MqttLink:
                 await self._connect_once()
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 self._drop(f"cannot connect: {exc}")
+                if not self._stopping:
+                    self._attempt_failed(str(exc) or type(exc).__name__)
             else:
                 await self._lost.wait()
             if self._stopping:
@@ -166,9 +176,12 @@ class MqttLink:
     async def _connect_once(self) -> None:
         opts = self.options
         # Probe without blocking the loop: paho's own connect() is a blocking socket call.
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(opts.host, opts.port), opts.connect_timeout
-        )
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(opts.host, opts.port), opts.connect_timeout
+            )
+        except TimeoutError:
+            raise OSError(f"no TCP connection within {opts.connect_timeout:g} s") from None
         writer.close()
         client = self._new_client()
         self._client = client
@@ -196,9 +209,38 @@ class MqttLink:
         for task in (done, lost):
             task.cancel()
         if not self.connected:
-            reason = self._refused or "no CONNACK"
+            reason = (
+                f"the broker refused the connection: {self._refused}"
+                if self._refused
+                else f"no CONNACK within {opts.connect_timeout:g} s"
+            )
             self._drop(reason)
-            raise OSError(f"broker {opts.host}:{opts.port} did not accept the connection: {reason}")
+            raise OSError(reason)
+
+    def _attempt_failed(self, reason: str) -> None:
+        """The first failure since the link was last up at ERROR, the others quietly."""
+        self.failed_attempts += 1
+        self.last_failure = reason
+        if self.failed_attempts == 1:
+            log.error(
+                "cannot connect to MQTT broker %s:%d: %s (retrying quietly until it connects)",
+                self.options.host,
+                self.options.port,
+                reason,
+            )
+        else:
+            log.debug(
+                "MQTT broker %s:%d, attempt %d: %s",
+                self.options.host,
+                self.options.port,
+                self.failed_attempts,
+                reason,
+            )
+
+    def _subscribe(self, client: mqtt.Client, topic: str, qos: int) -> None:
+        rc, mid = client.subscribe(topic, qos=qos)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._subscribing[mid] = [topic]
 
     def _new_client(self) -> mqtt.Client:
         opts = self.options
@@ -220,6 +262,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         loop = asyncio.get_running_loop()
 
         def opened(c: mqtt.Client, userdata: object, sock: Any) -> None:
@@ -307,18 +350,21 @@ class MqttLink:
         if client is not self._client:
             return
         if reason.is_failure:
-            self._refused = str(reason)
-            log.error(
-                "broker %s:%d refused the connection: %s",
-                self.options.host,
-                self.options.port,
-                reason,
-            )
+            self._refused = str(reason)  # logged (once) by run, like any other failure
             return
         self.backoff.reset()
         self.connects += 1
+        if self.failed_attempts:
+            log.info(
+                "MQTT broker %s:%d reached after %d failed attempts",
+                self.options.host,
+                self.options.port,
+                self.failed_attempts,
+            )
+        self.failed_attempts = 0
+        self._subscribing.clear()
         for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos=qos)
+            self._subscribe(client, topic, qos)
         if self.options.online is not None:
             o = self.options.online
             client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
@@ -336,6 +382,29 @@ class MqttLink:
     ) -> None:
         if client is self._client:
             self._drop(str(reason))
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        props: object,
+    ) -> None:
+        if client is not self._client:
+            return
+        for topic, reason in zip(self._subscribing.pop(mid, []), reasons, strict=False):
+            if not reason.is_failure:
+                self.refused_subscriptions.discard(topic)
+            elif topic not in self.refused_subscriptions:
+                self.refused_subscriptions.add(topic)
+                log.error(
+                    "MQTT broker %s:%d refused the subscription to %s: %s",
+                    self.options.host,
+                    self.options.port,
+                    topic,
+                    reason,
+                )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if client is self._client:

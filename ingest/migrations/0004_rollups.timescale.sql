@@ -1,5 +1,6 @@
 -- Rollups with TimescaleDB: continuous aggregates with refresh policies. Same names and
--- columns as the stock tables. consumption = last volume - first volume in the hour.
+-- columns as the stock tables. consumption = max - min of the volume register in the hour
+-- (the register only counts forward).
 CREATE MATERIALIZED VIEW meter_hourly WITH (timescaledb.continuous) AS
 SELECT time_bucket(INTERVAL '1 hour', ts) AS bucket, device_key,
        coalesce(max(volume_m3) - min(volume_m3), 0) AS consumption_m3,

@@ -16,7 +16,7 @@ import pytest
 from firmware_sim.engine import Simulation
 from firmware_sim.modbus import ModbusFleet
 from firmware_sim.scenario import FleetSpec, Scenario, parse_event
-from tests.conftest import Broker, free_port, free_port_block
+from tests.conftest import MOSQUITTO_CONF, Broker, free_port, free_port_block
 
 T = TypeVar("T")
 
@@ -177,3 +177,35 @@ class GatewayThread:
         assert not self.thread.is_alive(), "gateway did not stop"
         if self.error is not None:
             raise self.error
+
+
+@pytest.fixture
+def broker_with(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Mosquittos with a listener configured by the test (TLS, ACLs, dynamic security).
+
+    ``make(listener_conf, port=None, start=True)``: ``{folder}`` in the text is the broker's own
+    folder; the project's broker tuning follows, as in the ``mosquitto`` fixture.
+    """
+    brokers: list[Broker] = []
+
+    def make(listener_conf: str, port: int | None = None, start: bool = True) -> Broker:
+        port = port or free_port()
+        folder = tmp_path / f"broker-{port}"
+        folder.mkdir()
+        conf = folder / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nuser root\npersistence_location {folder}/\n"
+            f"log_dest file {folder}/mosquitto.log\n"
+            + listener_conf.replace("{folder}", str(folder))
+            + "\n"
+            + MOSQUITTO_CONF.read_text()
+        )
+        broker = Broker("127.0.0.1", port, conf, folder / "mosquitto.log")
+        brokers.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    yield make
+    for b in brokers:
+        b.stop()

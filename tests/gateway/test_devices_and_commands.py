@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -284,3 +285,57 @@ def test_metrics_are_readable_locally(
     assert int(acked.split()[-1]) > 0
     assert {d["id"] for d in status["devices"]} == {"D-0001", "M-0001"}
     assert status["figures"]["broker_connected"][1] == 1
+
+
+DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def test_a_refused_command_subscription_is_logged_as_an_error(
+    sim_server: Callable[..., SimServer],
+    broker_with: Callable[..., Broker],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Mosquitto's dynamic security checks subscriptions (its acl_file only filters delivery):
+    # this gateway may publish, but not subscribe to its command topic.
+    role = {
+        "rolename": "gateway",
+        "acls": [
+            {"acltype": "publishClientSend", "topic": "gasguard/v1/#", "allow": True},
+            {"acltype": "subscribeLiteral", "topic": "gasguard/v1/#", "allow": True},
+        ],
+    }
+    dynsec = {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": True,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "gateway"}]}],
+        "roles": [role],
+        "anonymousGroup": "anonymous",
+    }
+    (tmp_path / "dynsec.json").write_bytes(orjson.dumps(dynsec))
+    broker = broker_with(
+        f"allow_anonymous true\nplugin {DYNSEC}\nplugin_opt_config_file {tmp_path}/dynsec.json"
+    )
+    server = sim_server(1, 0)
+    with caplog.at_level(logging.ERROR, logger="gasguard.mqtt_link"):
+        gw = GatewayThread(gateway_config(tmp_path, broker, server))
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not gw.call(
+                lambda: gw.gateway.link.refused_subscriptions  # type: ignore[union-attr]
+            ):
+                time.sleep(0.05)
+            assert gw.call(lambda: gw.gateway.link.refused_subscriptions) == {  # type: ignore[union-attr]
+                "gasguard/v1/GW-T/cmd"
+            }
+        finally:
+            gw.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"MQTT broker 127.0.0.1:{broker.port} refused the subscription to gasguard/v1/GW-T/cmd:"
+        " Not authorized"
+    ]

@@ -41,9 +41,8 @@ def run_with(link: MqttLink, body: Callable[[], Awaitable[None]]) -> list[dict[s
             await body()
         finally:
             await link.stop(send_offline=False)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            async with asyncio.timeout(5):
+                await task  # stop() ends run()
 
     asyncio.run(main())
     return loop_errors
@@ -88,3 +87,64 @@ def test_an_exception_in_a_callback_is_logged_once_and_never_reaches_paho(
     ], "logged once per callback"
     assert all(r.exc_info is not None for r in logged), "with the traceback"
     assert loop_errors == [], "nothing escaped into the event loop"
+
+
+def errors_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name == "gasguard.mqtt_link"
+    ]
+
+
+def test_the_first_failure_to_reach_the_broker_is_an_error_then_quiet_until_it_connects(
+    broker_with: Callable[..., Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = broker_with("allow_anonymous true", start=False)
+    link = quick_link(broker, client_id="t-unreachable")
+
+    async def body() -> None:
+        await within(5, lambda: link.failed_attempts >= 5)
+        assert len(errors_of(caplog)) == 1, "one error for five failed attempts"
+        await asyncio.to_thread(broker.start)
+        assert await link.wait_connected(5)
+        assert link.failed_attempts == 0
+        await asyncio.to_thread(broker.stop)  # lost again: a new episode, a new error
+        await within(5, lambda: link.failed_attempts >= 5)
+
+    with caplog.at_level(logging.DEBUG, logger="gasguard.mqtt_link"):
+        run_with(link, body)
+    where = f"cannot connect to MQTT broker 127.0.0.1:{broker.port}"
+    assert [e.split(": ")[0] for e in errors_of(caplog)] == [where, where]
+    assert "Connect call failed" in errors_of(caplog)[0]
+    assert any(
+        r.levelno == logging.INFO and "reached after" in r.getMessage() for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    ("listener", "host", "reason"),
+    [
+        ("allow_anonymous false", "127.0.0.1", "the broker refused the connection"),
+        ("allow_anonymous true", "broker.gasguard.invalid", "Name or service not known"),
+    ],
+    ids=["connack-refused", "dns"],
+)
+def test_a_broker_that_refuses_or_cannot_be_resolved_is_one_error(
+    broker_with: Callable[..., Broker],
+    caplog: pytest.LogCaptureFixture,
+    listener: str,
+    host: str,
+    reason: str,
+) -> None:
+    broker = broker_with(listener)
+    link = quick_link(broker, host=host, client_id="t-refused")
+
+    async def body() -> None:
+        await within(10, lambda: link.failed_attempts >= 4)
+
+    with caplog.at_level(logging.DEBUG, logger="gasguard.mqtt_link"):
+        run_with(link, body)
+    assert len(errors_of(caplog)) == 1
+    assert reason in errors_of(caplog)[0], errors_of(caplog)
+    assert not link.connected
