@@ -27,7 +27,7 @@ from gasguard.backoff import Backoff
 from gasguard.fields import FIELDS, KINDS
 from gasguard.mqtt_link import MqttLink, MqttOptions
 from gasguard.wire import Batch, WireError, decode_batch
-from ingest.detection import Detection
+from ingest.detection import Detection, Thresholds
 from ingest.health import Health
 from ingest.registry import Registry, load_registry
 from ingest.settings import IngestSettings
@@ -74,7 +74,12 @@ class Ingest:
         self.settings = settings
         self.health = Health(settings)
         self.registry = Registry()
-        self.detection = Detection(settings.ingest_utc_offset_hours)
+        thresholds = (
+            Thresholds.load(settings.ingest_thresholds_file)
+            if settings.ingest_thresholds_file
+            else None
+        )
+        self.detection = Detection(settings.ingest_utc_offset_hours, thresholds)
         self.partitions = Partitions("stock")
         self.mode = "stock"
         self._conn: psycopg.AsyncConnection[Any] | None = None

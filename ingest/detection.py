@@ -8,6 +8,11 @@ micro-batch is judged against the same state as the first attempt.
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from gasguard.fields import KINDS, Kind
@@ -35,9 +40,82 @@ Checkpoint = dict[Kind, dict[str, np.ndarray]]
 BURST_LEARN_SAMPLES = 7 * 24 * 60
 
 
+class ThresholdsError(ValueError):
+    """The thresholds file is unusable; the message names the file and the key."""
+
+
+# Per-device overrides a thresholds file may give, and the parameter array each one fills.
+DEVICE_KEYS: dict[str, tuple[Kind, str]] = {
+    "gas_low": ("detector", "gas_low_by_device"),
+    "gas_high": ("detector", "gas_high_by_device"),
+    "qmax": ("meter", "qmax_by_device"),
+    "continuous_ms": ("meter", "continuous_ms_by_device"),
+    "pressure_low": ("meter", "pressure_low_by_device"),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Detection thresholds: defaults from DOMAIN.md, changed by a TOML file::
+
+    [detector]
+    gas_low = 8.0
+    [meter]
+    continuous_ms = 21600000
+    [devices."M-0007"]
+    qmax = 2.5
+    """
+
+    detector: dict[str, Any] = field(default_factory=dict)
+    meter: dict[str, Any] = field(default_factory=dict)
+    devices: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ThresholdsError(f"thresholds {path}: {exc}") from None
+        unknown = sorted(set(data) - {"detector", "meter", "devices"})
+        if unknown:
+            raise ThresholdsError(f"thresholds {path}: unknown sections {unknown}")
+        out = cls(
+            dict(data.get("detector", {})),
+            dict(data.get("meter", {})),
+            dict(data.get("devices", {})),
+        )
+        for kind, section, model in (
+            ("detector", out.detector, DetectorParams),
+            ("meter", out.meter, MeterParams),
+        ):
+            names = {f.name for f in fields(model)} - {
+                f for f in (f.name for f in fields(model)) if f.endswith("_by_device")
+            }
+            for key in section:
+                if key not in names:
+                    raise ThresholdsError(f"thresholds {path}: [{kind}] {key}: unknown threshold")
+            try:
+                model(**section)
+            except (TypeError, ValueError) as exc:
+                raise ThresholdsError(f"thresholds {path}: [{kind}]: {exc}") from None
+        for device, values in out.devices.items():
+            for key, value in values.items():
+                if key not in DEVICE_KEYS:
+                    raise ThresholdsError(
+                        f"thresholds {path}: [devices.{device!r}] {key}: not a per-device "
+                        f"threshold (one of {', '.join(DEVICE_KEYS)})"
+                    )
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise ThresholdsError(
+                        f"thresholds {path}: [devices.{device!r}] {key}: not a number"
+                    )
+        return out
+
+
 class Detection:
-    def __init__(self, utc_offset_hours: float = 8.0) -> None:
+    def __init__(self, utc_offset_hours: float = 8.0, thresholds: Thresholds | None = None) -> None:
         self.utc_offset_ms = int(utc_offset_hours * 3_600_000)
+        self.thresholds = thresholds or Thresholds()
         self.detectors = DetectorState(0)
         self.meters = MeterState(0)
         self._params_for: int | None = None
@@ -53,14 +131,31 @@ class Detection:
                 state.grow(capacity)
         if self._params_for != id(registry):
             interval = registry.interval_array().astype(np.float64)
-            self._detector_params = DetectorParams(expected_interval_ms_by_device=interval)
+            qmax = registry.qmax_array()
+            per_device: dict[str, np.ndarray] = {
+                "expected_interval_ms_by_device": interval,
+                "qmax_by_device": np.where(np.isfinite(qmax), qmax, np.nan),
+            }
+            for device, values in self.thresholds.devices.items():
+                info = registry.by_id.get(device)
+                if info is None:
+                    continue  # not (yet) registered
+                for key, value in values.items():
+                    kind, array = DEVICE_KEYS[key]
+                    if kind == info.kind:
+                        target = per_device.setdefault(array, np.full(capacity, np.nan))
+                        target[info.key] = value
+            t = self.thresholds
+            detector_arrays = {k: v for k, v in per_device.items() if k in _DETECTOR_ARRAYS}
+            meter_arrays = {k: v for k, v in per_device.items() if k in _METER_ARRAYS}
+            self._detector_params = DetectorParams(**{**t.detector, **detector_arrays})
             self._meter_params = MeterParams(
-                burst_learn_samples=BURST_LEARN_SAMPLES,
-                utc_offset_ms=self.utc_offset_ms,
-                qmax_by_device=np.where(
-                    np.isfinite(registry.qmax_array()), registry.qmax_array(), np.nan
-                ),
-                expected_interval_ms_by_device=interval,
+                **{
+                    "burst_learn_samples": BURST_LEARN_SAMPLES,
+                    "utc_offset_ms": self.utc_offset_ms,
+                    **t.meter,
+                    **meter_arrays,
+                }
             )
             self._params_for = id(registry)
 
@@ -100,6 +195,10 @@ class Detection:
             self.detectors = DetectorState.from_arrays(arrays)
         else:
             self.meters = MeterState.from_arrays(arrays)
+
+
+_DETECTOR_ARRAYS = {f.name for f in fields(DetectorParams) if f.name.endswith("_by_device")}
+_METER_ARRAYS = {f.name for f in fields(MeterParams) if f.name.endswith("_by_device")}
 
 
 def changes(events: Events, registry: Registry) -> list[AlarmChange]:

@@ -24,6 +24,7 @@ class IngestSettings(CommonSettings):
     ingest_registry_every_s: float = Field(30.0, gt=0)
     ingest_retention_days: int = Field(400, ge=1)
     ingest_utc_offset_hours: float = Field(8.0, ge=-12, le=14)
+    ingest_thresholds_file: str | None = None  # TOML: see ingest/detection.py Thresholds
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> IngestSettings:
