@@ -67,6 +67,49 @@ class MqttOptions:
     subscriptions: tuple[tuple[str, int], ...] = field(default=())
 
 
+class _BrokerTlsContext(ssl.SSLContext):
+    """Checks the broker's certificate against its name, not the address paho connects to.
+
+    paho hands the host given to connect() to wrap_socket as ``server_hostname`` (for SNI and
+    the certificate check); the link connects paho to the address it resolved itself, which
+    a certificate rarely names.
+    """
+
+    broker_name = ""
+
+    def wrap_socket(  # noqa: PLR0917 - the signature of SSLContext.wrap_socket
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.broker_name or server_hostname,
+            session=session,
+        )
+
+
+def _tls_context(broker_name: str, ca_file: str | None) -> ssl.SSLContext:
+    """What paho's tls_set() would make (certificate and host name required), for the name."""
+    context = _BrokerTlsContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname, CERT_REQUIRED
+    context.broker_name = broker_name
+    if ca_file is None:
+        context.load_default_certs()
+    else:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"CA file {ca_file}: {exc}") from None
+    return context
+
+
 class MqttLink:
     """One logical connection to a broker, kept up until :meth:`stop`."""
 
@@ -173,16 +216,34 @@ class MqttLink:
             await asyncio.sleep(0)
         self._drop("stopped")
 
+    async def _reach(self) -> str:
+        """The address of the broker, resolved and probed without blocking the loop: paho's
+        connect() is a blocking socket call, name resolution included, so it is only ever
+        given an address that just answered."""
+        opts = self.options
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(opts.connect_timeout):
+                found = await loop.getaddrinfo(opts.host, opts.port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise OSError(f"no DNS answer within {opts.connect_timeout:g} s") from None
+        failures = []
+        for address in dict.fromkeys(str(info[4][0]) for info in found):
+            try:
+                async with asyncio.timeout(opts.connect_timeout):
+                    _, writer = await asyncio.open_connection(address, opts.port)
+            except TimeoutError:
+                failures.append(f"{address}: no TCP connection within {opts.connect_timeout:g} s")
+            except OSError as exc:
+                failures.append(str(exc))
+            else:
+                writer.close()
+                return address
+        raise OSError("; ".join(failures) or f"{opts.host} has no address")
+
     async def _connect_once(self) -> None:
         opts = self.options
-        # Probe without blocking the loop: paho's own connect() is a blocking socket call.
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(opts.host, opts.port), opts.connect_timeout
-            )
-        except TimeoutError:
-            raise OSError(f"no TCP connection within {opts.connect_timeout:g} s") from None
-        writer.close()
+        address = await self._reach()
         client = self._new_client()
         self._client = client
         self._lost.clear()
@@ -192,7 +253,7 @@ class MqttLink:
         if opts.session_expiry_s:
             props.SessionExpiryInterval = opts.session_expiry_s
         client.connect(
-            opts.host,
+            address,  # with TLS, the certificate is still checked against opts.host
             opts.port,
             keepalive=opts.keepalive,
             clean_start=opts.clean_start,
@@ -254,7 +315,7 @@ class MqttLink:
         if opts.username is not None:
             client.username_pw_set(opts.username, opts.password)
         if opts.tls:
-            client.tls_set(ca_certs=opts.ca_file)
+            client.tls_set_context(_tls_context(opts.host, opts.ca_file))
         if opts.will is not None:
             w = opts.will
             client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)

@@ -148,3 +148,103 @@ def test_a_broker_that_refuses_or_cannot_be_resolved_is_one_error(
     assert len(errors_of(caplog)) == 1
     assert reason in errors_of(caplog)[0], errors_of(caplog)
     assert not link.connected
+
+
+def test_resolving_the_broker_name_does_not_block_the_loop(
+    mosquitto: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    resolve = socket.getaddrinfo
+
+    def slow_dns(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "broker.gasguard.test":
+            time.sleep(1.0)  # a DNS server far away
+            host = mosquitto.host
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    link = quick_link(mosquitto, host="broker.gasguard.test", client_id="t-dns")
+    gaps: list[float] = []
+
+    async def body() -> None:
+        last = time.monotonic()
+        deadline = last + 10
+        while not link.connected:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            assert now < deadline, "never connected"
+
+    run_with(link, body)
+    assert link.connects == 1
+    assert sum(gaps) >= 1.0 and max(gaps) < 0.3, "the loop ran on while DNS answered"
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A test CA, a broker certificate it signed for the name localhost, and another CA."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+                "-subj", f"/CN=GasGuard test {ca}")  # fmt: skip
+    openssl("req", *ec, "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "broker.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    return {name: str(folder / f"{name}.pem") for name in ("ca", "other-ca", "broker")} | {
+        "key": str(folder / "broker.key")
+    }
+
+
+@pytest.mark.parametrize(
+    ("host", "ca", "reason"),
+    [
+        ("localhost", "ca", None),
+        ("127.0.0.1", "ca", "certificate verify failed: IP address mismatch"),
+        (
+            "localhost",
+            "other-ca",
+            "certificate verify failed: self-signed certificate in certificate chain",
+        ),
+        ("localhost", "missing", "CA file"),
+    ],
+    ids=["by-name", "name-mismatch", "wrong-ca", "missing-ca-file"],
+)
+def test_tls_checks_the_broker_certificate_against_its_name_while_connecting_by_address(
+    broker_with: Callable[..., Broker],
+    certificates: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    ca: str,
+    reason: str | None,
+) -> None:
+    broker = broker_with(
+        f"allow_anonymous true\ncafile {certificates['ca']}\n"
+        f"certfile {certificates['broker']}\nkeyfile {certificates['key']}"
+    )
+    ca_file = certificates.get(ca, "/nonexistent/ca.pem")
+    link = quick_link(broker, host=host, tls=True, ca_file=ca_file, client_id="t-tls")
+
+    async def body() -> None:
+        if reason is None:
+            assert await link.wait_connected(5)
+            assert link.publish("t/tls", b"over TLS", qos=1) is not None
+        else:
+            await within(5, lambda: link.failed_attempts >= 3)
+
+    with caplog.at_level(logging.ERROR, logger="gasguard.mqtt_link"):
+        run_with(link, body)
+    if reason is None:
+        assert errors_of(caplog) == []
+    else:
+        assert len(errors_of(caplog)) == 1 and reason in errors_of(caplog)[0], errors_of(caplog)
