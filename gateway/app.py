@@ -78,8 +78,14 @@ class Gateway:
     def __post_init__(self) -> None:
         c = self.config
         self.started = time.time()
+        # A new spool file (first start, or the old one lost) starts its seq at the time in
+        # epoch ms: above every seq an earlier file of this gateway used, unless that one sent
+        # more than 1000 batches a second for its whole life. Ingest drops (gw, seq) repeats.
         self.spool = Spool(
-            c.spool_path, max_bytes=int(c.spool.max_mb * 2**20), max_age_s=c.spool.max_age
+            c.spool_path,
+            max_bytes=int(c.spool.max_mb * 2**20),
+            max_age_s=c.spool.max_age,
+            first_seq=int(time.time() * 1000),
         )
         gw = c.gateway_id
         self.link = MqttLink(

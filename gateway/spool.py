@@ -1,10 +1,13 @@
 """The gateway's spool: every outgoing MQTT batch is on disk (SQLite, WAL, synchronous=FULL)
 before it is sent, and deleted only after the broker's PUBACK. After an outage the forwarder
 replays it in seq order with the original payloads. The per-gateway seq lives here, so (gw, seq)
-stays unique across restarts. Bounded by bytes and age: the oldest *routine* telemetry goes
-first, alarms never; drops are counted (persisted) and logged once per episode. It also keeps
-the results of executed commands by id, so a repeated command is harmless. One connection, one
-thread: the event loop calls it directly (a put is one small transaction and one fsync).
+stays unique across restarts; a new spool file starts at ``first_seq`` (the gateway passes the
+time in epoch ms, above any seq an earlier spool file of the same gateway handed out).
+
+Bounded by bytes and age: the oldest *routine* telemetry goes first, alarms never; drops are
+counted (persisted) and logged once per episode. It also keeps the results of executed
+commands by id, so a repeated command is harmless. One connection, one thread: the event loop
+calls it directly (a put is one small transaction and one fsync).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ _SCHEMA = (
         next_seq INTEGER NOT NULL, batches INTEGER NOT NULL, bytes INTEGER NOT NULL,
         alarms INTEGER NOT NULL, dropped_batches INTEGER NOT NULL,
         dropped_readings INTEGER NOT NULL)""",
-    "INSERT INTO meta VALUES (1, 1, 0, 0, 0, 0, 0)",
     # payload last: scans of the small columns then never touch its overflow pages.
     """CREATE TABLE batches (
         seq INTEGER PRIMARY KEY, alarm INTEGER NOT NULL, readings INTEGER NOT NULL,
@@ -92,9 +94,15 @@ class Spool:
         max_age_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
         max_command_results: int = 10_000,
+        first_seq: int = 1,
     ) -> None:
+        """``first_seq``: the first sequence number of a spool file created now (an existing
+        file continues its own sequence)."""
         if max_bytes <= 0 or max_age_s <= 0 or max_command_results <= 0:
             raise ValueError("spool bounds must be positive")
+        if not 0 <= first_seq < 2**62:
+            raise ValueError(f"first_seq must be from 0 to 2**62, got {first_seq}")
+        self._first_seq = first_seq
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -127,6 +135,7 @@ class Spool:
                     raise SpoolError(f"spool {self.path}: an SQLite file, but not a spool")
                 for statement in _SCHEMA:
                     db.execute(statement)
+                db.execute("INSERT INTO meta VALUES (1, ?, 0, 0, 0, 0, 0)", (self._first_seq,))
             elif version != SCHEMA_VERSION:
                 raise SpoolError(
                     f"spool {self.path}: schema version {version}, this gateway reads "

@@ -84,12 +84,13 @@ def test_broker_outage_loses_nothing_and_replays_with_original_timestamps(
             lambda: gw.call(lambda: gw.gateway.spool.stats().batches) == 0, timeout=30
         )  # type: ignore[union-attr]
         last = gw.call(lambda: gw.gateway.spool.stats().next_seq) - 1  # type: ignore[union-attr]
+        first = min(telemetry_seqs(collector))  # a new spool starts at the time in epoch ms
         try:
             collector.wait_until(
-                lambda: set(telemetry_seqs(collector)) >= set(range(1, last + 1)), timeout=10
+                lambda: set(telemetry_seqs(collector)) >= set(range(first, last + 1)), timeout=10
             )
         except AssertionError:
-            missing = sorted(set(range(1, last + 1)) - set(telemetry_seqs(collector)))
+            missing = sorted(set(range(first, last + 1)) - set(telemetry_seqs(collector)))
             raise AssertionError(
                 f"missing {missing} of {last}; outage {outage_start} {outage_end}"
             ) from None
@@ -97,8 +98,7 @@ def test_broker_outage_loses_nothing_and_replays_with_original_timestamps(
         gw.stop()
         collector.close()
     seqs = telemetry_seqs(collector)
-    final = max(seqs)
-    assert set(seqs) == set(range(1, final + 1)), "every batch arrived"
+    assert set(seqs) == set(range(min(seqs), max(seqs) + 1)), "every batch arrived"
     assert len(seqs) - len(set(seqs)) <= 2 * 20, "repeats only from the in-flight window"
     during = [
         a for a in collector.snapshot() if outage_start < a.batch.ts.min() / 1000 < outage_end - 0.5
@@ -149,5 +149,33 @@ def test_killed_gateway_sends_its_spool_after_restart_and_continues_the_sequence
             first.kill()
         collector.close()
     seqs = telemetry_seqs(collector)
-    assert set(range(1, max(seqs) + 1)) <= set(seqs), "no sequence number is missing"
+    assert set(range(min(seqs), max(seqs) + 1)) <= set(seqs), "no sequence number is missing"
     assert next_seq in seqs, "the restarted gateway continued where the killed one stopped"
+
+
+def test_a_new_spool_file_numbers_its_batches_above_those_of_the_lost_one(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(1, 1)
+    collector = Collector(mosquitto)
+    config = gateway_config(tmp_path, mosquitto, server, interval=0.1)
+    try:
+        gw = GatewayThread(config)
+        try:
+            collector.wait_until(lambda: len(collector.batches) >= 5)
+        finally:
+            gw.stop()
+        before = telemetry_seqs(collector)
+        assert min(before) >= int((time.time() - 60) * 1000), "the first file starts at epoch ms"
+        for file in (tmp_path / "state").glob("spool.sqlite*"):
+            file.unlink()  # the box lost its state (new SD card, wiped disk)
+        count = len(before)
+        gw = GatewayThread(config)
+        try:
+            collector.wait_until(lambda: len(collector.batches) >= count + 5)
+        finally:
+            gw.stop()
+    finally:
+        collector.close()
+    after = telemetry_seqs(collector)[count:]
+    assert min(after) > max(before), "ingest would have dropped them as repeats otherwise"

@@ -77,6 +77,18 @@ def test_seq_survives_reopen_even_after_every_batch_is_acked(path: Path) -> None
         assert put(spool) == 4
 
 
+def test_a_new_file_starts_at_first_seq_and_an_existing_one_continues_its_own(
+    path: Path,
+) -> None:
+    with Spool(path, first_seq=1_750_000_000_000) as spool:
+        assert spool.stats().next_seq == 1_750_000_000_000
+        assert [put(spool), put(spool)] == [1_750_000_000_000, 1_750_000_000_001]
+    with Spool(path, first_seq=1_760_000_000_000) as spool:
+        assert put(spool) == 1_750_000_000_002, "first_seq only counts for a new file"
+    with pytest.raises(ValueError, match="first_seq"):
+        Spool(path, first_seq=-1)
+
+
 def test_file_is_in_wal_mode(path: Path) -> None:
     open_spool(path).close()
     with sqlite3.connect(path) as db:
