@@ -264,6 +264,7 @@ class Gateway:
             )  # batcher flushes into the spool
             self.forwarder.pump()
             await self._drain(2.0)
+            self.forwarder.commit_acks()
             await self.link.stop()
             tasks[0].cancel()
             with contextlib.suppress(asyncio.CancelledError):

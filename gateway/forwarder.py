@@ -2,6 +2,9 @@
 delete each only after its PUBACK. After a reconnect, everything not yet acknowledged is sent
 again from the spool (the broker may see a batch twice; ingest drops the repeat by its
 (gateway, seq) id), so nothing produced during an outage is lost.
+
+PUBACKs are only collected in paho's read callback; the forwarder deletes what they
+acknowledge in one spool transaction per tick (one fsync for a whole burst, not one each).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Forwarder:
         self.refused = 0
         self.last_puback_ms: int | None = None
         self._inflight: dict[int, int] = {}  # mid -> seq
+        self._acked: list[int] = []  # PUBACKed seqs not yet deleted from the spool
         self._after = 0  # highest seq handed to the current connection
         self._wake = asyncio.Event()
         link.on_connected = self._on_connected
@@ -49,7 +53,7 @@ class Forwarder:
         if seq is None:
             return
         if ok:
-            self.spool.ack(seq)
+            self._acked.append(seq)
             self.acked += 1
             self.last_puback_ms = int(time.time() * 1000)
         else:
@@ -59,8 +63,18 @@ class Forwarder:
             log.error("broker refused batch seq %d; it stays in the spool", seq)
         self._wake.set()
 
+    def commit_acks(self) -> int:
+        """Delete the PUBACKed batches from the spool, in one transaction."""
+        if not self._acked:
+            return 0
+        deleted = self.spool.ack_many(self._acked)
+        self._acked.clear()
+        return deleted
+
     def pump(self) -> int:
-        """Hand the next spooled batches to the link, up to the in-flight window."""
+        """Delete what was acknowledged, then hand the next spooled batches to the link, up to
+        the in-flight window."""
+        self.commit_acks()  # first: a reconnect replays the spool, PUBACKed ones must be gone
         handed = 0
         while self.link.connected and len(self._inflight) < self.window:
             batches = self.spool.pending(

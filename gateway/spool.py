@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ _SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _BATCH_COLUMNS = "seq, topic, payload, alarm, readings, created_ms"
+_IN_CHUNK = 500  # seqs per DELETE ... IN (...), well under SQLite's limit on parameters
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,28 @@ class Spool:
                     row,
                 )
         return row is not None
+
+    def ack_many(self, seqs: Iterable[int]) -> int:
+        """Forget every batch of ``seqs`` the broker has, in one transaction (one fsync);
+        how many were there (the others were already acked or dropped)."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return 0
+        gone: list[tuple[int, int]] = []
+        with self._tx() as db:
+            for lo in range(0, len(wanted), _IN_CHUNK):
+                part = wanted[lo : lo + _IN_CHUNK]
+                gone += db.execute(
+                    f"DELETE FROM batches WHERE seq IN ({', '.join('?' * len(part))})"
+                    " RETURNING bytes, alarm",
+                    part,
+                ).fetchall()
+            if gone:
+                db.execute(
+                    "UPDATE meta SET batches = batches - ?, bytes = bytes - ?, alarms = alarms - ?",
+                    (len(gone), sum(b for b, _ in gone), sum(a for _, a in gone)),
+                )
+        return len(gone)
 
     def stats(self) -> SpoolStats:
         with self._guard():

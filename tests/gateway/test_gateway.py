@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gasguard.profiles import builtin_profile
+from gateway.spool import Spool
 from tests.collector import Collector
 from tests.conftest import Broker
 from tests.gateway.conftest import GatewayThread, SimServer, gateway_config
@@ -179,3 +180,47 @@ def test_a_new_spool_file_numbers_its_batches_above_those_of_the_lost_one(
         collector.close()
     after = telemetry_seqs(collector)[count:]
     assert min(after) > max(before), "ingest would have dropped them as repeats otherwise"
+
+
+def test_pubacks_are_deleted_from_the_spool_in_one_transaction_per_forwarder_tick(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(3, 3)
+    one_reading_per_batch = "max_readings = 1\nmax_delay_ms = 100"
+    config = gateway_config(
+        tmp_path, mosquitto, server, interval=0.1, batching=one_reading_per_batch
+    )
+    gw = GatewayThread(config)
+    spool = gw.gateway.spool  # type: ignore[union-attr]
+    deleted: list[int] = []  # seqs per ack_many call
+    single: list[int] = []
+
+    def ack_many(seqs: list[int]) -> int:
+        deleted.append(len(seqs))
+        return Spool.ack_many(spool, seqs)
+
+    def ack(seq: int) -> bool:
+        single.append(seq)
+        return Spool.ack(spool, seq)
+
+    try:
+        deadline = time.monotonic() + 10
+        forwarder = gw.gateway.forwarder  # type: ignore[union-attr]
+        while not gw.call(lambda: forwarder.acked):
+            assert time.monotonic() < deadline, "nothing was acknowledged"
+            time.sleep(0.05)
+        mosquitto.stop()
+        time.sleep(2.0)  # about 120 one-reading batches pile up
+        backlog = gw.call(lambda: spool.stats().batches)
+        assert backlog >= 60
+        gw.call(lambda: setattr(spool, "ack_many", ack_many))
+        gw.call(lambda: setattr(spool, "ack", ack))
+        mosquitto.start()
+        deadline = time.monotonic() + 30
+        while gw.call(lambda: spool.stats().batches) > 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        gw.stop()
+    assert single == [], "nothing deleted one by one"
+    assert sum(deleted) >= backlog
+    assert len(deleted) <= sum(deleted) / 3, f"{len(deleted)} transactions for {sum(deleted)}"

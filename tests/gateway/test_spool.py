@@ -122,6 +122,29 @@ def test_ack_removes_and_a_second_ack_returns_false(path: Path) -> None:
         assert spool.stats().batches == 2
 
 
+def test_ack_many_forgets_a_burst_of_pubacks_in_one_transaction(path: Path) -> None:
+    with open_spool(path) as spool:
+        for i in range(1200):  # more than one DELETE ... IN (...) chunk
+            put(spool, alarm=i % 100 == 0)
+        statements: list[str] = []
+        spool._db.set_trace_callback(statements.append)
+        assert spool.ack_many([*range(1, 1101), 1100, 5000]) == 1100, "repeats, unknown seqs"
+        spool._db.set_trace_callback(None)
+        assert statements.count("COMMIT") == 1
+        left = spool.pending(limit=1000)
+        assert [b.seq for b in left] == list(range(1101, 1201))
+        stats = spool.stats()
+        assert (stats.batches, stats.bytes, stats.alarms) == (
+            100,
+            sum(len(b.payload) for b in left),
+            1,
+        )
+        assert spool.ack_many([]) == 0
+        assert spool.ack_many(range(1101, 1201)) == 100
+        stats = spool.stats()
+        assert (stats.batches, stats.bytes, stats.alarms) == (0, 0, 0)
+
+
 def test_stats_count_batches_bytes_alarms_and_oldest(path: Path) -> None:
     with open_spool(path) as spool:
         assert spool.stats().oldest_ms is None
@@ -431,6 +454,13 @@ class SpoolAgainstModel(RuleBasedStateMachine):
         seqs = st.integers(0, self.next_seq + 1)
         seq = data.draw(st.sampled_from(known) | seqs if known else seqs)
         assert self.spool.ack(seq) is (self.pending.pop(seq, None) is not None)
+
+    @rule(data=st.data())
+    def ack_many(self, data: st.DataObject) -> None:
+        seqs = data.draw(st.lists(st.integers(0, self.next_seq + 1), max_size=8))
+        seqs += data.draw(st.lists(st.sampled_from(sorted(self.pending)))) if self.pending else []
+        gone = sum(self.pending.pop(seq, None) is not None for seq in set(seqs))
+        assert self.spool.ack_many(seqs) == gone
 
     @rule()
     def reopen(self) -> None:
