@@ -39,7 +39,6 @@ from ingest.writer import (
     load_state,
     raise_confidence,
     save_state,
-    update_district_incidents,
     write_alarms,
     write_dead_letters,
 )
@@ -262,7 +261,12 @@ class Ingest:
                 for d in np.unique(a.batch.ts // DAY_MS)
             }
             await self.partitions.ensure(conn, f"{kind}_readings", sorted(days))
-        checkpoint = self.detection.checkpoint()
+        touched = (
+            np.unique(np.concatenate([a.keys for a in accepted]))
+            if accepted
+            else np.empty(0, np.int64)
+        )
+        checkpoint = self.detection.checkpoint(touched)
         try:
             async with conn.transaction(), conn.cursor() as cur:
                 fresh = await claim_batches(cur, ids)
@@ -281,9 +285,6 @@ class Ingest:
                     changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
                 outcome = await write_alarms(cur, changes)
                 await raise_confidence(cur, outcome.raised_households)
-                await update_district_incidents(
-                    cur, {c.district for c in changes if c.rule == "pressure_low"}
-                )
                 await write_dead_letters(cur, dead)
                 if time.monotonic() - self._last_state_save >= self.settings.ingest_state_every_s:
                     for kind in KINDS:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gasguard.fields import KINDS, Kind
+from gasguard.fields import Kind
 from ingest.detect import (
     SEVERITY,
     DetectorColumns,
@@ -33,7 +33,7 @@ from ingest.detect import (
 from ingest.registry import Registry
 from ingest.writer import AlarmChange
 
-Checkpoint = dict[Kind, dict[str, np.ndarray]]
+Checkpoint = dict[str, dict[str, np.ndarray]]
 
 # A household's usual peak is learned over a week of readings at one a minute before a flow
 # far above it counts as a burst (a day of a continuous flow would otherwise become the peak).
@@ -180,12 +180,23 @@ class Detection:
         out = changes(scan_silence(self.detectors, now_ms, self._detector_params), registry)
         return out + changes(scan_silence(self.meters, now_ms, self._meter_params), registry)
 
-    def checkpoint(self) -> Checkpoint:
-        return {"detector": self.detectors.to_arrays(), "meter": self.meters.to_arrays()}
+    def checkpoint(self, keys: np.ndarray) -> Checkpoint:
+        """The state of the devices ``keys`` (those a micro-batch touches), to restore if its
+        transaction fails; the silence scan may touch others, but only after a commit."""
+        out: Checkpoint = {}
+        for kind, state in (("detector", self.detectors), ("meter", self.meters)):
+            rows = keys[keys < state.capacity]
+            out[kind] = {"__keys__": rows} | {
+                name: getattr(state, name)[rows].copy() for name, _, _ in state.FIELDS
+            }
+        return out
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        for kind in KINDS:
-            self.load(kind, checkpoint[kind])
+        for kind, state in (("detector", self.detectors), ("meter", self.meters)):
+            saved = checkpoint[kind]
+            rows = saved["__keys__"]
+            for name, _, _ in state.FIELDS:
+                getattr(state, name)[rows] = saved[name]
 
     def arrays(self, kind: Kind) -> dict[str, np.ndarray]:
         return (self.detectors if kind == "detector" else self.meters).to_arrays()
