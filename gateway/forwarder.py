@@ -1,7 +1,11 @@
-"""From the spool to the broker: publish spooled batches in sequence order with QoS 1 and
-delete each only after its PUBACK. After a reconnect, everything not yet acknowledged is sent
-again from the spool (the broker may see a batch twice; ingest drops the repeat by its
-(gateway, seq) id), so nothing produced during an outage is lost.
+"""From the spool to the broker: publish spooled batches with QoS 1 and delete each only after
+its PUBACK. Alarm batches go first whenever alarms and routine telemetry are both waiting (an
+alarm must not wait behind the replay of an outage's backlog); each kind goes in sequence
+order. Ingest needs no order across batches: each carries its own timestamps.
+
+After a reconnect, everything not yet acknowledged is sent again from the spool (the broker
+may see a batch twice; ingest drops the repeat by its (gateway, seq) id), so nothing produced
+during an outage is lost.
 
 PUBACKs are only collected in paho's read callback; the forwarder deletes what they
 acknowledge in one spool transaction per tick (one fsync for a whole burst, not one each).
@@ -31,7 +35,8 @@ class Forwarder:
         self.last_puback_ms: int | None = None
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._acked: list[int] = []  # PUBACKed seqs not yet deleted from the spool
-        self._after = 0  # highest seq handed to the current connection
+        self._after = 0  # highest routine seq handed to the current connection
+        self._alarm_after = 0  # highest alarm seq handed to the current connection
         self._wake = asyncio.Event()
         link.on_connected = self._on_connected
         link.on_published = self._on_published
@@ -46,6 +51,7 @@ class Forwarder:
     def _on_connected(self) -> None:
         self._inflight.clear()  # a new connection: whatever was in flight is sent again
         self._after = 0
+        self._alarm_after = 0
         self._wake.set()
 
     def _on_published(self, mid: int, ok: bool) -> None:
@@ -73,13 +79,16 @@ class Forwarder:
 
     def pump(self) -> int:
         """Delete what was acknowledged, then hand the next spooled batches to the link, up to
-        the in-flight window."""
+        the in-flight window: the waiting alarms first, then routine telemetry."""
         self.commit_acks()  # first: a reconnect replays the spool, PUBACKed ones must be gone
+        return self._hand(alarms=True) + self._hand(alarms=False)
+
+    def _hand(self, alarms: bool) -> int:
         handed = 0
+        pending = self.spool.pending_alarms if alarms else self.spool.pending_routine
         while self.link.connected and len(self._inflight) < self.window:
-            batches = self.spool.pending(
-                after_seq=self._after, limit=self.window - len(self._inflight)
-            )
+            after = self._alarm_after if alarms else self._after
+            batches = pending(after_seq=after, limit=self.window - len(self._inflight))
             if not batches:
                 break
             for batch in batches:
@@ -87,7 +96,10 @@ class Forwarder:
                 if mid is None:
                     return handed
                 self._inflight[mid] = batch.seq
-                self._after = batch.seq
+                if alarms:
+                    self._alarm_after = batch.seq
+                else:
+                    self._after = batch.seq
                 self.sent += 1
                 handed += 1
         return handed

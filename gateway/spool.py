@@ -196,9 +196,20 @@ class Spool:
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[SpooledBatch]:
         """Unacknowledged batches with ``seq > after_seq``, in ascending seq."""
-        with self._guard():
+        return self._pending("", after_seq, limit)
+
+    def pending_alarms(self, after_seq: int = 0, limit: int = 100) -> list[SpooledBatch]:
+        """Unacknowledged alarm batches with ``seq > after_seq``, in ascending seq."""
+        return self._pending("alarm = 1 AND", after_seq, limit)
+
+    def pending_routine(self, after_seq: int = 0, limit: int = 100) -> list[SpooledBatch]:
+        """Unacknowledged routine (non-alarm) batches with ``seq > after_seq``, ascending."""
+        return self._pending("alarm = 0 AND", after_seq, limit)
+
+    def _pending(self, kind: str, after_seq: int, limit: int) -> list[SpooledBatch]:
+        with self._guard():  # with kind: the (alarm, seq) index
             rows = self._db.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq > ? ORDER BY seq LIMIT ?",
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE {kind} seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
         return [SpooledBatch(s, t, p, bool(a), r, c) for s, t, p, a, r, c in rows]

@@ -224,3 +224,33 @@ def test_pubacks_are_deleted_from_the_spool_in_one_transaction_per_forwarder_tic
     assert single == [], "nothing deleted one by one"
     assert sum(deleted) >= backlog
     assert len(deleted) <= sum(deleted) / 3, f"{len(deleted)} transactions for {sum(deleted)}"
+
+
+def test_an_alarm_goes_out_before_the_backlog_of_a_broker_outage(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(3, 3)
+    collector = Collector(mosquitto, persistent=True)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, interval=0.1))
+    spool = gw.gateway.spool  # type: ignore[union-attr]
+    try:
+        collector.wait_until(lambda: len(collector.batches) >= 5)
+        mosquitto.stop()
+        time.sleep(2.0)  # routine telemetry piles up in the spool
+        server.inject({"device": "D-0002", "type": "gas_leak", "rate_lel_per_min": 600})
+        server.call(lambda: server.sim.run_for(5))
+        collector.wait_until(lambda: gw.call(lambda: spool.stats().alarms) == 1, timeout=5)
+        time.sleep(0.5)
+        backlog = gw.call(lambda: spool.stats().batches) - 1
+        assert backlog >= 30
+        restarted = time.time()
+        mosquitto.start()
+        collector.wait_until(lambda: gw.call(lambda: spool.stats().batches) == 0, timeout=30)
+        collector.wait_until(lambda: any(c == "alarm" for c, _ in collector.batches), timeout=5)
+    finally:
+        gw.stop()
+        collector.close()
+    replayed = [a for a in collector.snapshot() if a.at >= restarted]
+    first_alarm = next(i for i, a in enumerate(replayed) if a.channel == "alarm")
+    assert first_alarm < backlog // 10, f"alarm arrived after {first_alarm} of {backlog} batches"
+    assert list(replayed[first_alarm].batch.dev) == ["D-0002"]

@@ -111,6 +111,21 @@ def test_pending_is_in_seq_order_and_pages_after_seq(path: Path) -> None:
         assert first[1].payload.startswith(b'{"seq":2}')
 
 
+def test_pending_alarms_and_routine_split_the_pending_batches_each_in_seq_order(
+    path: Path,
+) -> None:
+    with open_spool(path) as spool:
+        for i in range(10):
+            put(spool, alarm=i in (2, 6, 7))
+        spool.ack(7)
+        assert [b.seq for b in spool.pending_alarms()] == [3, 8]
+        assert [b.seq for b in spool.pending_alarms(after_seq=3, limit=5)] == [8]
+        assert all(b.alarm for b in spool.pending_alarms())
+        assert [b.seq for b in spool.pending_routine(limit=4)] == [1, 2, 4, 5]
+        assert [b.seq for b in spool.pending_routine(after_seq=5)] == [6, 9, 10]
+        assert not any(b.alarm for b in spool.pending_routine())
+
+
 def test_ack_removes_and_a_second_ack_returns_false(path: Path) -> None:
     with open_spool(path) as spool:
         for _ in range(3):
@@ -480,6 +495,10 @@ class SpoolAgainstModel(RuleBasedStateMachine):
             after = page[-1].seq
         assert {b.seq: (b.payload, b.alarm, b.readings, b.created_ms) for b in seen} == self.pending
         assert [b.seq for b in seen] == sorted(self.pending)
+        alarms = [b.seq for b in self.spool.pending_alarms(limit=10_000)]
+        routine = [b.seq for b in self.spool.pending_routine(limit=10_000)]
+        assert alarms == sorted(s for s, (_, alarm, *_) in self.pending.items() if alarm)
+        assert routine == sorted(s for s, (_, alarm, *_) in self.pending.items() if not alarm)
         stats = self.spool.stats()
         assert stats.next_seq == self.next_seq
         assert stats.batches == len(self.pending)
