@@ -16,7 +16,6 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,13 @@ from ingest.detection import Detection, Thresholds
 from ingest.health import Health
 from ingest.registry import Registry, load_registry
 from ingest.settings import IngestSettings
-from ingest.storage import Partitions, choose_mode, refresh_rollups
+from ingest.storage import Partitions, choose_mode
 from ingest.writer import (
     DeadLetter,
     claim_batches,
     copy_readings,
     load_state,
+    merge_rollups,
     raise_confidence,
     save_state,
     write_alarms,
@@ -84,10 +84,10 @@ class Ingest:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._db_backoff = Backoff(base=0.5, cap=15.0)
         self._inbox: list[Message] = []
+        self._keys: dict[tuple[str, str, tuple[str, ...]], np.ndarray] = {}
         self._db_lock = asyncio.Lock()  # one connection: the loop and the jobs take turns
         self._wake = asyncio.Event()
         self._last_state_save = 0.0
-        self._last_rollup = datetime.now(UTC) - timedelta(hours=2)
         s = settings
         self.link = MqttLink(
             MqttOptions(
@@ -196,9 +196,14 @@ class Ingest:
             if batch.gw not in self.registry.gateways:
                 dead.append(DeadLetter(m.topic, m.payload, "gw", f"unknown gateway {batch.gw!r}"))
                 continue
+            cache_key = (batch.gw, batch.kind, tuple(batch.dev.tolist()))
+            cached = self._keys.get(cache_key)
+            if cached is not None:  # gateways send the same device lists again and again
+                accepted.append(Accepted(m, batch, cached))
+                continue
             keys = np.empty(len(batch), dtype=np.int64)
             problem = None
-            for i, dev in enumerate(batch.dev.tolist()):
+            for i, dev in enumerate(cache_key[2]):
                 info = self.registry.by_id.get(dev)
                 if info is None or info.gateway_id != batch.gw:
                     problem = f"device {dev!r} is not registered to gateway {batch.gw!r}"
@@ -210,6 +215,9 @@ class Ingest:
             if problem:
                 dead.append(DeadLetter(m.topic, m.payload, "dev", problem))
                 continue
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            self._keys[cache_key] = keys
             accepted.append(Accepted(m, batch, keys))
         return accepted, dead
 
@@ -281,7 +289,10 @@ class Ingest:
                     for a in mine:
                         groups.setdefault(frozenset(a.batch.fields), []).append(a)
                     for group in groups.values():  # one COPY per set of columns
-                        self.health.readings.inc(await copy_readings(cur, kind, _concat(group)))
+                        columns = _concat(group)
+                        self.health.readings.inc(await copy_readings(cur, kind, columns))
+                        if self.mode == "stock":
+                            await merge_rollups(cur, kind, columns)
                     changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
                 outcome = await write_alarms(cur, changes)
                 await raise_confidence(cur, outcome.raised_households)
@@ -317,9 +328,6 @@ class Ingest:
     async def housekeeping(self) -> None:
         async with self._db_lock:
             conn = await self._db()
-            now = datetime.now(UTC)
-            await refresh_rollups(conn, self.mode, min(self._last_rollup, now) - timedelta(hours=1))  # type: ignore[arg-type]
-            self._last_rollup = now
             await self.partitions.ensure_ahead(conn)
             await self.partitions.drop_older_than(conn, self.settings.ingest_retention_days)
 
@@ -329,6 +337,7 @@ class Ingest:
             registry = await load_registry(conn)
         before = self._subscriptions()
         self.registry = registry
+        self._keys.clear()
         if self._subscriptions() != before:
             self.link.update_subscriptions(self._subscriptions())
 

@@ -193,35 +193,3 @@ class Partitions:
                 dropped.append(name)
                 log.info("retention: dropped partition %s", name)
         return dropped
-
-
-_REFRESH_METER = """
-INSERT INTO meter_hourly (bucket, device_key, consumption_m3, max_flow_m3h, min_flow_m3h,
-                          min_pressure_kpa, readings)
-SELECT date_trunc('hour', ts), device_key, coalesce(max(volume_m3) - min(volume_m3), 0),
-       max(flow_m3h), min(flow_m3h), min(pressure_kpa), count(*)
-FROM meter_readings WHERE ts >= %(since)s AND NOT comm_lost
-GROUP BY 1, 2
-ON CONFLICT (device_key, bucket) DO UPDATE SET consumption_m3 = excluded.consumption_m3,
-    max_flow_m3h = excluded.max_flow_m3h, min_flow_m3h = excluded.min_flow_m3h,
-    min_pressure_kpa = excluded.min_pressure_kpa, readings = excluded.readings
-"""
-_REFRESH_DETECTOR = """
-INSERT INTO detector_hourly (bucket, device_key, max_ch4_lel, readings)
-SELECT date_trunc('hour', ts), device_key, max(ch4_lel), count(*)
-FROM detector_readings WHERE ts >= %(since)s AND NOT comm_lost
-GROUP BY 1, 2
-ON CONFLICT (device_key, bucket) DO UPDATE SET max_ch4_lel = excluded.max_ch4_lel,
-    readings = excluded.readings
-"""
-
-
-async def refresh_rollups(conn: psycopg.AsyncConnection[Any], mode: Mode, since: datetime) -> None:
-    """Recompute the rollups from ``since`` (rounded down to the hour) on stock PostgreSQL;
-    TimescaleDB refreshes its continuous aggregates by policy."""
-    if mode != "stock":
-        return
-    since = since.replace(minute=0, second=0, microsecond=0)
-    async with conn.transaction():
-        await conn.execute(_REFRESH_METER, {"since": since})
-        await conn.execute(_REFRESH_DETECTOR, {"since": since})

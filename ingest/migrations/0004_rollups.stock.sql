@@ -1,10 +1,14 @@
--- Rollups for the dashboards on stock PostgreSQL: plain tables that ingest refreshes for the
--- recent hours (see ingest/storage.py). Same names and columns as the Timescale continuous
+-- Rollups for the dashboards on stock PostgreSQL: plain tables that ingest keeps up to date
+-- in the transaction that stores the readings (merging each micro-batch's per-hour figures;
+-- batch ids make it exactly once). Same names and columns as the Timescale continuous
 -- aggregates, so the same queries work on both.
 CREATE TABLE meter_hourly (
     bucket     timestamptz NOT NULL,
     device_key integer NOT NULL,
-    consumption_m3 double precision NOT NULL,
+    min_volume_m3  double precision,
+    max_volume_m3  double precision,
+    consumption_m3 double precision GENERATED ALWAYS AS
+        (coalesce(max_volume_m3 - min_volume_m3, 0)) STORED,
     max_flow_m3h   real,
     min_flow_m3h   real,
     min_pressure_kpa real,

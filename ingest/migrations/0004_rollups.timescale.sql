@@ -3,6 +3,7 @@
 -- (the register only counts forward).
 CREATE MATERIALIZED VIEW meter_hourly WITH (timescaledb.continuous) AS
 SELECT time_bucket(INTERVAL '1 hour', ts) AS bucket, device_key,
+       min(volume_m3) AS min_volume_m3, max(volume_m3) AS max_volume_m3,
        coalesce(max(volume_m3) - min(volume_m3), 0) AS consumption_m3,
        max(flow_m3h) AS max_flow_m3h, min(flow_m3h) AS min_flow_m3h,
        min(pressure_kpa) AS min_pressure_kpa, count(*)::integer AS readings

@@ -67,6 +67,22 @@ def test_every_reading_is_stored_once_and_redeliveries_are_no_ops(
         ingest.stop()
     assert scalar(database, "SELECT count(*) FROM dead_letters") == 0
     assert scalar(database, "SELECT count(DISTINCT device_key) FROM meter_readings") == 30
+    # the hourly rollups, merged micro-batch by micro-batch, agree with the readings
+    mismatch = scalar(
+        database,
+        """
+        SELECT count(*) FROM (
+            SELECT date_trunc('hour', ts) AS bucket, device_key, min(volume_m3) AS lo,
+                   max(volume_m3) AS hi, max(flow_m3h) AS fmax, count(*) AS n
+            FROM meter_readings WHERE NOT comm_lost GROUP BY 1, 2
+        ) r FULL JOIN meter_hourly h USING (bucket, device_key)
+        WHERE h.min_volume_m3 IS DISTINCT FROM r.lo OR h.max_volume_m3 IS DISTINCT FROM r.hi
+           OR h.max_flow_m3h IS DISTINCT FROM r.fmax OR h.readings IS DISTINCT FROM r.n::int
+           OR h.consumption_m3 IS DISTINCT FROM r.hi - r.lo
+        """,
+    )
+    assert mismatch == 0
+    assert scalar(database, "SELECT sum(readings) FROM detector_hourly") == readings // 2
 
 
 def test_bad_messages_go_to_dead_letters_and_good_ones_are_still_stored(
