@@ -192,3 +192,17 @@ def test_binary_copy_stores_readings_with_nulls_for_lost_ones(
         )
     }
     assert {"meter_readings_20260301", "meter_readings_20260302"} <= parts
+
+
+def test_stock_rollups_have_the_columns_the_timescale_smoke_test_expects(database: str) -> None:
+    """The same dashboard queries must work on both storage modes."""
+    from tests.ingest.test_timescale_smoke import ROLLUP_COLUMNS
+
+    for table, columns in ROLLUP_COLUMNS.items():
+        found = query(
+            database,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        assert [tuple(c) for c in found] == columns, table

@@ -181,6 +181,8 @@ ROLLUP_COLUMNS = {  # the same names and types as the stock tables (0004_rollups
     "meter_hourly": [
         ("bucket", "timestamp with time zone"),
         ("device_key", "integer"),
+        ("min_volume_m3", "double precision"),
+        ("max_volume_m3", "double precision"),
         ("consumption_m3", "double precision"),
         ("max_flow_m3h", "real"),
         ("min_flow_m3h", "real"),
@@ -252,6 +254,8 @@ def expected_meter_hourly(rows: list[MeterRow]) -> dict[tuple[int, datetime], tu
             groups[(row[1], hour_of(row[0]))].append(row)
     return {
         k: (
+            min(r[2] for r in g),
+            max(r[2] for r in g),
             max(r[2] for r in g) - min(r[2] for r in g),
             max(r[3] for r in g),
             min(r[3] for r in g),
@@ -465,11 +469,11 @@ async def smoke(url: str) -> None:
         assert_rollup(
             await rollup(conn, "detector_hourly"), expected_detector_hourly(all_d), "detector"
         )
-        assert meter_want[(keys["M-1"], start)][1] == pytest.approx(3.9)  # the late one counts
+        assert meter_want[(keys["M-1"], start)][3] == pytest.approx(3.9)  # the late one counts
         daily: dict[tuple[str, datetime], list[Any]] = defaultdict(lambda: [0.0, set()])
         for (key, bucket), values in meter_want.items():
             day = daily[(district[key], bucket.replace(hour=0))]
-            day[0] += values[0]
+            day[0] += values[2]  # consumption
             day[1].add(key)
         found = await fetch(
             conn, "SELECT district, day, consumption_m3, meters FROM district_daily"

@@ -1,0 +1,96 @@
+"""One kernel call's fresh readings, sorted, with the helpers every rule uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .events import BoolArray, EventSink, FloatArray, IntArray, Rule, rule_bit
+from .params import per_device
+from .runs import Latched, Segments, Switch, latch
+
+U16 = npt.NDArray[np.uint16]
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Readings sorted by (device, ts) with their segments, the state's open-alarm mask (updated
+    in place) and the sink that collects events."""
+
+    sg: Segments
+    idx: IntArray
+    ts: IntArray
+    mask: U16
+    sink: EventSink
+
+    @classmethod
+    def of(cls, idx: IntArray, ts: IntArray, mask: U16, sink: EventSink) -> Batch:
+        return cls(Segments.of(idx), idx, ts, mask, sink)
+
+    @property
+    def dev(self) -> IntArray:
+        """device of each segment"""
+        return self.sg.dev
+
+    @property
+    def last(self) -> IntArray:
+        """last row of each segment"""
+        return self.sg.last
+
+    def param(self, override: FloatArray | None, default: float) -> FloatArray:
+        """A parameter per row (its device's override, else the default); 0-d if no override."""
+        if override is None:
+            return np.array(default, np.float64)
+        return self.sg.rows(per_device(override, default, self.sg.dev))
+
+    def carried(self, bit: int) -> BoolArray:
+        """Per segment: is ``bit`` set in the device's carried mask?"""
+        return np.asarray((self.mask[self.sg.dev] & np.uint16(bit)) != 0, np.bool_)
+
+    def put(self, bit: int, value: BoolArray) -> None:
+        """Per segment: set ``bit`` of the device's mask to ``value``."""
+        dev = self.sg.dev
+        m = self.mask[dev]
+        self.mask[dev] = np.where(value, m | np.uint16(bit), m & np.uint16(~bit & 0xFFFF))
+
+    def emit(self, rule: Rule, lt: Latched, value: FloatArray) -> None:
+        """Hand a latch's transitions to the sink; ``value`` per row (or 0-d)."""
+        r = lt.rows
+        v = value[r] if value.ndim else np.full(len(r), value)
+        self.sink.add(rule, self.idx[r], self.ts[r], lt.raised, v)
+
+    def switch(self, rule: Rule, raise_t: BoolArray, clear_t: BoolArray, value: FloatArray) -> None:
+        """One hysteresis rule: latch, emit its transitions, store its open flag."""
+        bit = rule_bit(rule)
+        lt = latch(self.sg, [Switch(raise_t, clear_t, self.carried(bit))])
+        self.emit(rule, lt, value)
+        self.put(bit, lt.final[0])
+
+
+def flag(col: npt.ArrayLike | None, order: IntArray) -> BoolArray:
+    """An optional flag column in the batch's order: absent means False throughout."""
+    if col is None:
+        return np.zeros(len(order), np.bool_)
+    return np.asarray(col, np.bool_)[order]
+
+
+def floats(col: npt.ArrayLike | None, order: IntArray) -> FloatArray:
+    """An optional number column in the batch's order: absent means NaN throughout."""
+    if col is None:
+        return np.full(len(order), np.nan)
+    return np.asarray(col, np.float64)[order]
+
+
+def check_batch(idx: IntArray, capacity: int, lengths: dict[str, int]) -> None:
+    """Reject a malformed batch before any state changes."""
+    n = len(idx)
+    bad = {k: v for k, v in lengths.items() if v != n}
+    if bad:
+        raise ValueError(f"columns differ in length from idx ({n}): {bad}")
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= capacity):
+        raise IndexError(
+            f"device index out of range [0, {capacity}): {int(idx.min())}..{int(idx.max())}"
+            " (grow the state first)"
+        )

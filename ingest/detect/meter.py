@@ -1,0 +1,190 @@
+"""Gas meter rules: BURST, CONTINUOUS_FLOW, MICRO_LEAK, PRESSURE_LOW, VALVE_FAULT, TAMPER,
+REVERSE_FLOW, SENSOR_FAULT (and SILENT).
+
+As for detectors: hysteresis switches over each meter's readings in time order, runs carried
+in the state, ``comm_lost`` readings seen only by SILENT. A reading without pressure (NaN) is
+skipped by PRESSURE_LOW alone. "Flowing" is flow > near_zero; "no flow" is |flow| <= near_zero
+(a NaN or reverse flow is neither: it breaks a run of flow without clearing its alarm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .batch import Batch, flag, floats
+from .burst import apply_burst
+from .events import BoolArray, Events, FloatArray, IntArray, Rule, rule_bit
+from .params import DAY_MS, MeterColumns, MeterParams
+from .runs import NO_TS, Switch, latch, run_began, run_lengths, sat32
+from .silence import begin_batch
+from .state import ML_DAYS_BIT, ML_NIGHT_BIT, MeterState
+
+_OPTIONAL = ("pressure_kpa", "valve_closed", "battery_pct", "tamper", "reverse_flow", "comm_lost")
+
+
+def detect_meters(
+    cols: MeterColumns, params: MeterParams, state: MeterState
+) -> tuple[Events, MeterState]:
+    """Run every meter rule over one batch; ``state`` is updated in place and returned.
+
+    Readings may come in any order and interleave devices; each device's are taken in ts
+    order. Readings not newer than the device's last processed one are ignored and counted in
+    ``Events.stale``.
+    """
+    idx = np.asarray(cols.idx, np.int64)
+    lengths = {"ts": len(cols.ts), "volume_m3": len(cols.volume_m3), "flow_m3h": len(cols.flow_m3h)}
+    for name in _OPTIONAL:
+        col = getattr(cols, name)
+        if col is not None:
+            lengths[name] = len(col)
+    fresh = begin_batch(idx, np.asarray(cols.ts, np.int64), cols.comm_lost, state, lengths)
+    b, order = fresh.batch, fresh.order
+    if b is not None:
+        flow = np.asarray(cols.flow_m3h, np.float64)[order]
+        qmax = b.param(params.qmax_by_device, params.qmax)
+        apply_burst(b, params, state, flow=flow, qmax=qmax)
+        _flow_time(b, params, state, flow=flow)
+        if cols.pressure_kpa is not None:
+            _pressure(b, params, state, pressure=np.asarray(cols.pressure_kpa, np.float64)[order])
+        leak = flag(cols.valve_closed, order) & (np.abs(flow) > params.near_zero)
+        tamper = flag(cols.tamper, order)
+        reverse = flag(cols.reverse_flow, order) | (flow < -params.near_zero)
+        _flags(b, params, state, flow=flow, leak=leak, tamper=tamper, reverse=reverse)
+        volume = np.asarray(cols.volume_m3, np.float64)[order]
+        battery = floats(cols.battery_pct, order)
+        _sensor_fault(b, params, state, flow=flow, qmax=qmax, volume=volume, battery=battery)
+        state.last_volume[b.dev] = volume[b.last]
+        state.norm_ts[b.dev] = b.ts[b.last]
+    return fresh.sink.build(fresh.stale), state
+
+
+def _flow_time(b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray) -> None:
+    """CONTINUOUS_FLOW and MICRO_LEAK: how long flow has gone on, by timestamps."""
+    dev, last, ts = b.dev, b.last, b.ts
+    no_flow = np.abs(flow) <= p.near_zero
+    flowing = flow > p.near_zero
+    flow_start = _run_start(b, flowing, st.flow_start)
+    flow_for = ts - np.where(flowing, flow_start, ts)
+    limit = b.param(p.continuous_ms_by_device, float(p.continuous_ms))
+    b.switch(Rule.CONTINUOUS_FLOW, flowing & (flow_for > limit), no_flow, flow)
+
+    # night branch: small flow on every reading of one night's window, for micro_night_ms
+    local = ts + p.utc_offset_ms
+    day = local // DAY_MS  # local date: one night's window lies within one date
+    tod = local - day * DAY_MS
+    night = (tod >= p.night_start_ms) & (tod < p.night_end_ms)
+    small = night & flowing & (flow <= p.micro_max)
+    prev_ts = st.norm_ts[dev]
+    prev_day = (np.where(prev_ts == NO_TS, ts[b.sg.first], prev_ts) + p.utc_offset_ms) // DAY_MS
+    other_night = day != b.sg.shift_i(day, prev_day)
+    night_start = _run_start(b, small, st.night_start, restart=other_night)
+    small_for = ts - np.where(small, night_start, ts)
+    lt = latch(
+        b.sg,
+        [
+            Switch(
+                small & (small_for >= p.micro_night_ms),
+                night & no_flow,
+                b.carried(ML_NIGHT_BIT),
+            ),
+            # days branch: never no-flow for micro_never_zero_ms; any no-flow reading clears
+            Switch(
+                flowing & (flow_for >= p.micro_never_zero_ms),
+                no_flow,
+                b.carried(ML_DAYS_BIT),
+            ),
+        ],
+    )
+    b.emit(Rule.MICRO_LEAK, lt, flow)
+    night_open, days_open = lt.final
+    b.put(ML_NIGHT_BIT, night_open)
+    b.put(ML_DAYS_BIT, days_open)
+    b.put(rule_bit(Rule.MICRO_LEAK), night_open | days_open)
+    st.flow_start[dev] = np.where(flowing[last], flow_start[last], NO_TS)
+    st.night_start[dev] = np.where(small[last], night_start[last], NO_TS)
+
+
+def _run_start(
+    b: Batch, cond: BoolArray, carried: IntArray, restart: BoolArray | None = None
+) -> IntArray:
+    """ts where the current run of ``cond`` began (carried from the state when it began
+    before this batch); meaningless where ``cond`` is False."""
+    carry = (carried[b.dev] != NO_TS).astype(np.int64)
+    _, began = run_began(b.sg, cond, carry, restart)
+    out = b.ts[np.clip(began, 0, b.sg.n - 1)]
+    from_state = np.flatnonzero(began < 0)
+    out[from_state] = carried[b.idx[from_state]]
+    return out
+
+
+def _pressure(b: Batch, p: MeterParams, st: MeterState, *, pressure: FloatArray) -> None:
+    """PRESSURE_LOW over the readings that carry a pressure (NaN: skipped, as if absent)."""
+    have = ~np.isnan(pressure)
+    if not have.any():
+        return
+    if not have.all():
+        b = Batch.of(b.idx[have], b.ts[have], b.mask, b.sink)
+        pressure = pressure[have]
+    dev, last = b.dev, b.last
+    low = b.param(p.pressure_low_by_device, p.pressure_low)
+    lo_run = run_lengths(b.sg, pressure < low, st.pl_lo[dev])
+    hi_run = run_lengths(b.sg, pressure >= np.maximum(p.pressure_clear, low), st.pl_hi[dev])
+    b.switch(
+        Rule.PRESSURE_LOW,
+        lo_run >= p.pressure_low_samples,
+        hi_run >= p.pressure_clear_samples,
+        pressure,
+    )
+    st.pl_lo[dev] = sat32(lo_run[last])
+    st.pl_hi[dev] = sat32(hi_run[last])
+
+
+def _flags(
+    b: Batch,
+    p: MeterParams,
+    st: MeterState,
+    *,
+    flow: FloatArray,
+    leak: BoolArray,
+    tamper: BoolArray,
+    reverse: BoolArray,
+) -> None:
+    """VALVE_FAULT (flow with the valve closed), TAMPER, REVERSE_FLOW."""
+    dev, last = b.dev, b.last
+    on_run = run_lengths(b.sg, leak, st.vf_on[dev])
+    off_run = run_lengths(b.sg, ~leak, st.vf_off[dev])
+    b.switch(Rule.VALVE_FAULT, on_run >= p.valve_samples, off_run >= p.valve_clear_samples, flow)
+    st.vf_on[dev] = sat32(on_run[last])
+    st.vf_off[dev] = sat32(off_run[last])
+
+    off_run = run_lengths(b.sg, ~tamper, st.tamper_off[dev])
+    b.switch(Rule.TAMPER, tamper, off_run >= p.tamper_clear_samples, flow)
+    st.tamper_off[dev] = sat32(off_run[last])
+
+    off_run = run_lengths(b.sg, ~reverse, st.rf_off[dev])
+    b.switch(Rule.REVERSE_FLOW, reverse, off_run >= p.reverse_clear_samples, flow)
+    st.rf_off[dev] = sat32(off_run[last])
+
+
+def _sensor_fault(
+    b: Batch,
+    p: MeterParams,
+    st: MeterState,
+    *,
+    flow: FloatArray,
+    qmax: FloatArray,
+    volume: FloatArray,
+    battery: FloatArray,
+) -> None:
+    """SENSOR_FAULT: the volume register going back, volume missing, flow out of
+    [-qmax, flow_max_factor x qmax] or missing, battery out of range (missing is fine)."""
+    bad = (
+        (b.sg.shift_f(volume, st.last_volume[b.dev]) - volume > p.volume_drop_m3)
+        | np.isnan(volume)
+        | ~((flow >= -qmax) & (flow <= p.flow_max_factor * qmax))
+        | (battery < p.battery_min)
+        | (battery > p.battery_max)
+    )
+    ok_run = run_lengths(b.sg, ~bad, st.sf_ok[b.dev])
+    b.switch(Rule.SENSOR_FAULT, bad, ok_run >= p.fault_clear_samples, flow)
+    st.sf_ok[b.dev] = sat32(ok_run[b.last])

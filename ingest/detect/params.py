@@ -1,0 +1,193 @@
+"""Thresholds (defaults from DOMAIN.md, every one configurable) and the batch columns.
+
+Per-device overrides are optional float arrays indexed by the device index; NaN in one means
+"use the default" for that device. Times are milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+import numpy.typing as npt
+
+from .events import BoolArray, FloatArray, IntArray
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+QMAX_BY_SIZE: dict[str, float] = {"G1.6": 2.5, "G2.5": 4.0, "G4": 6.0}
+"""Maximum flow (m3/h) of household meter sizes."""
+
+
+def qmax_for_sizes(sizes: Iterable[str | None], default: float = np.nan) -> FloatArray:
+    """Per-device qmax from meter sizes ("G1.6", "G2.5", "G4"); unknown -> ``default`` (NaN:
+    the parameter's default)."""
+    return np.array([QMAX_BY_SIZE.get(s or "", default) for s in sizes], dtype=np.float64)
+
+
+def per_device(override: FloatArray | None, default: float, idx: IntArray) -> FloatArray:
+    """The parameter for each row's device: the override where given (not NaN), else default.
+    Without an override: a 0-d array (broadcasts like a scalar)."""
+    if override is None:
+        return np.array(default, np.float64)
+    if len(idx) and int(idx.max()) >= len(override):
+        raise ValueError(
+            f"per-device override has {len(override)} entries, device {int(idx.max())} needs more"
+        )
+    v = np.asarray(override, np.float64)[idx]
+    return np.where(np.isnan(v), default, v)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DetectorParams:
+    gas_low: float = 10.0  # %LEL, raise when reached on gas_low_samples consecutive readings
+    gas_low_samples: int = 2
+    gas_low_clear: float = 5.0  # clear below this (and alarm flag off) ...
+    gas_low_clear_samples: int = 2  # ... on this many consecutive readings
+    gas_low_by_device: FloatArray | None = None
+    gas_high: float = 25.0  # raise at once
+    gas_high_clear: float = 20.0
+    gas_high_clear_samples: int = 2
+    gas_high_by_device: FloatArray | None = None
+    rise_per_min: float = 5.0  # %LEL per minute between consecutive readings
+    rise_min_lel: float = 3.0  # ... and at least this CH4
+    rise_clear_below: float = 5.0  # clear when CH4 below this or rate <= 0 ...
+    rise_clear_samples: int = 2  # ... on this many consecutive readings
+    rise_max_gap_ms: int = 10 * MINUTE_MS  # pairs further apart give no rate
+    ch4_min: float = -1.0  # outside [ch4_min, ch4_max] (or NaN) is a sensor fault
+    ch4_max: float = 101.0
+    stuck_samples: int = 30  # identical CH4 on this many readings ...
+    stuck_ms: int = 15 * MINUTE_MS  # ... spanning at least this long is a stuck sensor
+    fault_clear_samples: int = 2
+    expected_interval_ms: float = 60_000.0
+    expected_interval_ms_by_device: FloatArray | None = None
+    silent_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_counts(self)
+        if self.gas_low_clear > self.gas_low or self.gas_high_clear > self.gas_high:
+            raise ValueError("a gas clear level must not exceed its raise level")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MeterParams:
+    qmax: float = QMAX_BY_SIZE["G4"]  # m3/h; pass qmax_by_device (qmax_for_sizes) per meter
+    qmax_by_device: FloatArray | None = None
+    near_zero: float = 0.005  # m3/h: |flow| at or below this is no flow
+    burst_peak_factor: float = 3.0  # burst above this x the usual peak, once learned
+    burst_learn_samples: int = 100  # non-zero readings before the usual peak counts
+    burst_peak_decay_per_day: float = 0.99
+    burst_clear_ratio: float = 0.9  # clear below this x the threshold ...
+    burst_clear_samples: int = 2  # ... on this many consecutive readings
+    continuous_ms: int = 6 * HOUR_MS  # flow above near zero for longer than this
+    continuous_ms_by_device: FloatArray | None = None
+    utc_offset_ms: int = 8 * HOUR_MS  # local time = UTC + offset
+    night_start_ms: int = 1 * HOUR_MS  # local time of day, [start, end)
+    night_end_ms: int = 5 * HOUR_MS
+    micro_max: float = 0.1  # m3/h: night flow in (near_zero, micro_max] ...
+    micro_night_ms: int = 2 * HOUR_MS  # ... on every reading for this long of one night
+    micro_never_zero_ms: int = 48 * HOUR_MS  # or flow above near zero for this long
+    pressure_low: float = 1.2  # kPa
+    pressure_low_samples: int = 3
+    pressure_clear: float = 1.5
+    pressure_clear_samples: int = 3
+    pressure_low_by_device: FloatArray | None = None
+    valve_samples: int = 2  # flow with the valve closed on this many readings
+    valve_clear_samples: int = 2
+    tamper_clear_samples: int = 2
+    reverse_clear_samples: int = 2
+    volume_drop_m3: float = 0.001  # the register going back by more is a fault
+    flow_max_factor: float = 10.0  # flow outside [-qmax, factor x qmax] (or NaN) is a fault
+    battery_min: float = 0.0
+    battery_max: float = 100.0
+    fault_clear_samples: int = 2
+    expected_interval_ms: float = 60_000.0
+    expected_interval_ms_by_device: FloatArray | None = None
+    silent_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_counts(self)
+        if self.pressure_clear < self.pressure_low:
+            raise ValueError("pressure_clear must not be below pressure_low")
+        if not 0 <= self.night_start_ms < self.night_end_ms <= DAY_MS:
+            raise ValueError("night window must satisfy 0 <= start < end <= 24 h")
+
+
+def _check_counts(params: DetectorParams | MeterParams) -> None:
+    for f in fields(params):
+        v = getattr(params, f.name)
+        if f.name.endswith("_samples") and v < 1:
+            raise ValueError(f"{f.name} must be >= 1, not {v}")
+
+
+def _opt_bool(cols: Mapping[str, npt.ArrayLike], name: str) -> BoolArray | None:
+    v = cols.get(name)
+    return None if v is None else np.asarray(v, np.bool_)
+
+
+def _opt_float(cols: Mapping[str, npt.ArrayLike], name: str) -> FloatArray | None:
+    v = cols.get(name)
+    return None if v is None else np.asarray(v, np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class DetectorColumns:
+    """One batch of detector readings as columns (any order, devices interleaved)."""
+
+    idx: IntArray
+    ts: IntArray
+    ch4_lel: FloatArray
+    alarm: BoolArray
+    fault: BoolArray | None = None
+    eol: BoolArray | None = None
+    comm_lost: BoolArray | None = None
+    valve_closed: BoolArray | None = None  # not used by detection
+    temp_c: FloatArray | None = None  # not used by detection
+
+    @classmethod
+    def from_mapping(cls, idx: npt.ArrayLike, cols: Mapping[str, npt.ArrayLike]) -> DetectorColumns:
+        """From decoded wire columns (``ts`` and field names); unknown keys are ignored."""
+        return cls(
+            idx=np.asarray(idx, np.int64),
+            ts=np.asarray(cols["ts"], np.int64),
+            ch4_lel=np.asarray(cols["ch4_lel"], np.float64),
+            alarm=np.asarray(cols["alarm"], np.bool_),
+            fault=_opt_bool(cols, "fault"),
+            eol=_opt_bool(cols, "eol"),
+            comm_lost=_opt_bool(cols, "comm_lost"),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MeterColumns:
+    """One batch of meter readings as columns (any order, devices interleaved)."""
+
+    idx: IntArray
+    ts: IntArray
+    volume_m3: FloatArray
+    flow_m3h: FloatArray
+    pressure_kpa: FloatArray | None = None  # None or all NaN: the meter has no pressure sensor
+    valve_closed: BoolArray | None = None
+    battery_pct: FloatArray | None = None
+    tamper: BoolArray | None = None
+    reverse_flow: BoolArray | None = None
+    comm_lost: BoolArray | None = None
+
+    @classmethod
+    def from_mapping(cls, idx: npt.ArrayLike, cols: Mapping[str, npt.ArrayLike]) -> MeterColumns:
+        """From decoded wire columns (``ts`` and field names); unknown keys are ignored."""
+        return cls(
+            idx=np.asarray(idx, np.int64),
+            ts=np.asarray(cols["ts"], np.int64),
+            volume_m3=np.asarray(cols["volume_m3"], np.float64),
+            flow_m3h=np.asarray(cols["flow_m3h"], np.float64),
+            pressure_kpa=_opt_float(cols, "pressure_kpa"),
+            valve_closed=_opt_bool(cols, "valve_closed"),
+            battery_pct=_opt_float(cols, "battery_pct"),
+            tamper=_opt_bool(cols, "tamper"),
+            reverse_flow=_opt_bool(cols, "reverse_flow"),
+            comm_lost=_opt_bool(cols, "comm_lost"),
+        )

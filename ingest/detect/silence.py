@@ -1,0 +1,114 @@
+"""SILENT: a device that stops reporting is itself a hazard (a dead detector protects no one).
+
+Raised by a reading flagged ``comm_lost`` (the gateway could not read the device) and by
+``scan_silence`` (no reading at all for ``silent_factor`` x the expected interval); cleared by
+the next reading that carries values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .batch import Batch, check_batch, flag
+from .events import BoolArray, Events, EventSink, IntArray, Rule, rule_bit
+from .params import DetectorParams, MeterParams, per_device
+from .runs import NO_TS, order_fresh
+from .state import DetectorState, MeterState
+
+_BIT = rule_bit(Rule.SILENT)
+
+
+@dataclass(frozen=True, eq=False)
+class Fresh:
+    """A batch after SILENT: the readings that carry values, for the other rules."""
+
+    batch: Batch | None
+    """None when no fresh reading carries values"""
+    order: IntArray
+    """rows of the input columns, in the batch's order"""
+    sink: EventSink
+    stale: int
+
+
+def begin_batch(
+    idx: IntArray,
+    ts: IntArray,
+    comm_lost: npt.ArrayLike | None,
+    state: DetectorState | MeterState,
+    lengths: dict[str, int],
+) -> Fresh:
+    """Check a batch, drop replays, sort it by (device, ts), run SILENT over every fresh
+    reading and advance ``last_ts``; then set ``comm_lost`` readings aside."""
+    check_batch(idx, state.capacity, lengths)
+    order, stale = order_fresh(idx, ts, state.last_ts)
+    sink = EventSink()
+    if len(order) == 0:
+        return Fresh(None, order, sink, stale)
+    comm = flag(comm_lost, order)
+    idx, ts = idx[order], ts[order]
+    batch = Batch.of(idx, ts, state.open, sink)
+    batch.switch(Rule.SILENT, comm, ~comm, np.array(np.nan))
+    state.last_ts[batch.dev] = ts[batch.last]
+    if comm.any():
+        keep = ~comm
+        order = order[keep]
+        if len(order) == 0:
+            return Fresh(None, order, sink, stale)
+        batch = Batch.of(idx[keep], ts[keep], state.open, sink)
+    return Fresh(batch, order, sink, stale)
+
+
+def scan_silence(
+    state: DetectorState | MeterState, now_ms: int, params: DetectorParams | MeterParams
+) -> Events:
+    """Raise SILENT (at ``now_ms``) for every device that has reported at least once, whose
+    last reading of any kind is older than ``silent_factor`` x its expected interval, and whose
+    SILENT alarm is not open yet. Updates ``state`` in place; value = seconds since the last
+    reading. Call it periodically (e.g. every expected interval) with the consumer's clock.
+    """
+    cap = state.capacity
+    expected = per_device(
+        params.expected_interval_ms_by_device, params.expected_interval_ms, np.arange(cap)
+    )
+    last = state.last_ts
+    reported = last != NO_TS
+    age = np.where(reported, np.int64(now_ms) - np.where(reported, last, 0), 0)
+    silent = (
+        reported & ((state.open & np.uint16(_BIT)) == 0) & (age > params.silent_factor * expected)
+    )
+    dev = np.flatnonzero(silent)
+    state.open[dev] |= np.uint16(_BIT)
+    return Events(
+        idx=dev,
+        ts=np.full(len(dev), now_ms, np.int64),
+        rule=np.full(len(dev), int(Rule.SILENT), np.int16),
+        raised=np.ones(len(dev), np.bool_),
+        value=age[dev] / 1000.0,
+    )
+
+
+def district_incidents(
+    open_pressure_low: BoolArray,
+    district: IntArray,
+    min_share: float = 0.3,
+    min_count: int = 3,
+) -> IntArray:
+    """Districts where supply pressure is low at many meters at once: one network incident,
+    not many household leaks. ``open_pressure_low`` and ``district`` are per meter (e.g.
+    ``state.is_open(Rule.PRESSURE_LOW)`` and the registry's district id, negative = unknown).
+    A district counts when at least ``min_count`` of its meters, and at least ``min_share`` of
+    them, have PRESSURE_LOW open. Returns the district ids, ascending."""
+    open_pl = np.asarray(open_pressure_low, np.bool_)
+    dist = np.asarray(district, np.int64)
+    if open_pl.shape != dist.shape:
+        raise ValueError("open_pressure_low and district must have the same shape")
+    known = dist >= 0
+    if not known.any():
+        return np.empty(0, np.int64)
+    total = np.bincount(dist[known])
+    hit = np.bincount(dist[known & open_pl], minlength=len(total))
+    ok = (hit >= min_count) & (hit >= min_share * np.maximum(total, 1))
+    return np.flatnonzero(ok).astype(np.int64)

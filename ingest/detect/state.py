@@ -1,0 +1,156 @@
+"""Per-device detection state: struct-of-arrays indexed by the dense device index.
+
+Carried values that later readings are compared with (last CH4, last volume, the usual peak)
+stay float64: rounding them to float32 would make the result depend on where a batch ends.
+Counters are int32 (saturating), timestamps int64 epoch ms (``NO_TS``: none), and the open
+alarms one uint16 bit mask per device (bit ``1 << rule``; bits 13-14 are internal).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from .events import BoolArray, Rule, rule_bit
+from .runs import NO_TS
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+U16 = npt.NDArray[np.uint16]
+
+ML_NIGHT_BIT = 1 << 13
+"""internal: the micro-leak's night branch holds (MICRO_LEAK is open while either holds)"""
+ML_DAYS_BIT = 1 << 14
+"""internal: the micro-leak's never-zero branch holds"""
+
+FieldSpec = tuple[str, type[np.generic], float | int]
+
+
+class _State:
+    """Common machinery: every field is one array of length ``capacity``."""
+
+    FIELDS: ClassVar[tuple[FieldSpec, ...]]
+    last_ts: I64
+    open: U16
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, not {capacity}")
+        for name, dtype, fill in self.FIELDS:
+            setattr(self, name, np.full(capacity, fill, dtype))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.last_ts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(getattr(self, name).nbytes) for name, _, _ in self.FIELDS)
+
+    def grow(self, new_capacity: int) -> Self:
+        """Make room for devices up to ``new_capacity - 1``; existing devices keep their state.
+        Returns self (the arrays are replaced)."""
+        old = self.capacity
+        if new_capacity < old:
+            raise ValueError(f"cannot shrink state from {old} to {new_capacity} devices")
+        for name, dtype, fill in self.FIELDS:
+            arr = np.full(new_capacity, fill, dtype)
+            arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
+        return self
+
+    def is_open(self, rule: Rule) -> BoolArray:
+        """Per device: is ``rule``'s alarm open?"""
+        return np.asarray((self.open & np.uint16(rule_bit(rule))) != 0, np.bool_)
+
+    def to_arrays(self) -> dict[str, npt.NDArray[np.generic]]:
+        """A copy of every field, for ``np.savez`` or a bytea column."""
+        return {name: getattr(self, name).copy() for name, _, _ in self.FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, npt.NDArray[np.generic]]) -> Self:
+        """Rebuild from ``to_arrays()`` output (e.g. loaded from an .npz)."""
+        names = {name for name, _, _ in cls.FIELDS}
+        missing = sorted(names - arrays.keys())
+        extra = sorted(arrays.keys() - names)
+        if missing or extra:
+            raise ValueError(f"{cls.__name__} arrays: missing {missing}, unexpected {extra}")
+        lengths = {len(np.asarray(a)) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{cls.__name__} arrays have different lengths: {sorted(lengths)}")
+        state = cls(0)
+        for name, dtype, _ in cls.FIELDS:
+            arr = np.asarray(arrays[name])
+            if arr.ndim != 1 or not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+                raise ValueError(f"{cls.__name__}.{name}: expected 1-D {dtype.__name__}")
+            setattr(state, name, np.array(arr, dtype=dtype))
+        return state
+
+
+class DetectorState(_State):
+    """What a methane detector's next readings are judged against."""
+
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        ("last_ts", np.int64, NO_TS),  # last processed reading (comm_lost included)
+        ("norm_ts", np.int64, NO_TS),  # last reading that carried values
+        ("last_ch4", np.float64, np.nan),  # its CH4
+        ("open", np.uint16, 0),
+        ("gl_hi", np.int32, 0),  # run: CH4 >= gas_low
+        ("gl_clr", np.int32, 0),  # run: CH4 < gas_low_clear and no alarm flag
+        ("gh_clr", np.int32, 0),  # run: CH4 < gas_high_clear
+        ("gr_clr", np.int32, 0),  # run: not rising (CH4 low or rate <= 0)
+        ("sf_ok", np.int32, 0),  # run: no fault
+        ("same_n", np.int32, 0),  # readings in the current stretch of identical CH4
+        ("same_ts", np.int64, NO_TS),  # ts of that stretch's first reading
+    )
+    norm_ts: I64
+    last_ch4: F64
+    gl_hi: I32
+    gl_clr: I32
+    gh_clr: I32
+    gr_clr: I32
+    sf_ok: I32
+    same_n: I32
+    same_ts: I64
+
+
+class MeterState(_State):
+    """What a gas meter's next readings are judged against."""
+
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        ("last_ts", np.int64, NO_TS),
+        ("norm_ts", np.int64, NO_TS),
+        ("last_volume", np.float64, np.nan),
+        ("open", np.uint16, 0),
+        ("burst_clr", np.int32, 0),  # while open: run of flow < clear ratio x threshold
+        ("peak", np.float64, 0.0),  # usual peak flow as of peak_ts (decays from there)
+        ("peak_ts", np.int64, NO_TS),
+        ("peak_n", np.int32, 0),  # non-zero non-burst readings seen (peak learned at 100)
+        ("flow_start", np.int64, NO_TS),  # start of the current run of flow > near zero
+        ("night_start", np.int64, NO_TS),  # start of tonight's run of small flow
+        ("pl_lo", np.int32, 0),  # run: pressure < low
+        ("pl_hi", np.int32, 0),  # run: pressure >= clear
+        ("vf_on", np.int32, 0),  # run: flow while valve closed
+        ("vf_off", np.int32, 0),
+        ("tamper_off", np.int32, 0),
+        ("rf_off", np.int32, 0),
+        ("sf_ok", np.int32, 0),
+    )
+    norm_ts: I64
+    last_volume: F64
+    burst_clr: I32
+    peak: F64
+    peak_ts: I64
+    peak_n: I32
+    flow_start: I64
+    night_start: I64
+    pl_lo: I32
+    pl_hi: I32
+    vf_on: I32
+    vf_off: I32
+    tamper_off: I32
+    rf_off: I32
+    sf_ok: I32

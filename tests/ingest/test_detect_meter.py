@@ -1,0 +1,184 @@
+"""Hand-written meter streams: each rule raises and clears where DESIGN.md says it does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ingest.detect import MeterColumns, MeterParams, MeterState, Rule, detect_meters
+from ingest.detect.params import HOUR_MS, MINUTE_MS
+
+T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC = 08:00 local (UTC+8)
+LOCAL_MIDNIGHT = T0 + 16 * HOUR_MS  # 2026-01-02 00:00 local
+NAN = float("nan")
+
+
+def stream(flow: list[float], *, dt: int = MINUTE_MS, t0: int = T0, **cols: Any) -> MeterColumns:
+    n = len(flow)
+    extra = {k: np.asarray(v) for k, v in cols.items()}
+    ts = extra.pop("ts", t0 + dt * np.arange(n, dtype=np.int64))
+    return MeterColumns(
+        idx=np.zeros(n, np.int64),
+        ts=np.asarray(ts, np.int64),
+        volume_m3=extra.pop("volume_m3", np.full(n, 100.0)),
+        flow_m3h=np.array(flow, np.float64),
+        **extra,
+    )
+
+
+def run(
+    cols: MeterColumns,
+    rule: Rule,
+    params: MeterParams | None = None,
+    dt: int = MINUTE_MS,
+    t0: int = T0,
+) -> list[tuple[int, bool]]:
+    """(reading number, raised) of ``rule``'s events."""
+    events, _ = detect_meters(cols, params or MeterParams(), MeterState(1))
+    return [((t - t0) // dt, up) for _, t, r, up, _ in events.rows() if r == rule]
+
+
+G16 = MeterParams(qmax_by_device=np.array([2.5]))
+
+
+def test_burst_above_qmax_clears_below_ninety_percent_twice() -> None:
+    cols = stream([0.5, 3.0, 2.3, 2.0, 3.0, 2.0, 2.0])
+    assert run(cols, Rule.BURST, G16) == [(1, True), (6, False)]
+    assert run(cols, Rule.BURST) == []  # default qmax is a G4's 6 m3/h
+
+
+def test_burst_above_three_times_the_learned_usual_peak() -> None:
+    flows = [0.5] * 100 + [1.6, 1.0, 1.0]
+    assert run(stream(flows), Rule.BURST) == [(100, True), (102, False)]
+    # not learned yet after 99 non-zero readings
+    assert run(stream([0.5] * 99 + [1.6]), Rule.BURST) == []
+    # zero readings do not count towards learning
+    assert run(stream([0.5, 0.0] * 99 + [1.6]), Rule.BURST) == []
+
+
+def test_usual_peak_decays_with_time() -> None:
+    params = MeterParams(burst_peak_decay_per_day=0.5)
+    day = 24 * HOUR_MS
+    # 100 readings of 0.5 a minute apart, then one day later the usual peak is ~0.25
+    ts = [T0 + i * MINUTE_MS for i in range(100)] + [T0 + 99 * MINUTE_MS + day]
+    cols = stream([0.5] * 100 + [0.8], ts=ts)
+    assert run(cols, Rule.BURST, params, dt=day, t0=T0) == [(1, True)]
+    assert run(cols, Rule.BURST, MeterParams(burst_peak_decay_per_day=1.0)) == []
+
+
+def test_continuous_flow_by_time_not_by_count() -> None:
+    hours = [0, 3, 6, 7, 8]
+    cols = stream([0.02] * 4 + [0.0], ts=[T0 + h * HOUR_MS for h in hours])
+    assert run(cols, Rule.CONTINUOUS_FLOW, dt=HOUR_MS) == [(7, True), (8, False)]
+
+
+def test_continuous_flow_needs_longer_than_six_hours() -> None:
+    ts = [T0, T0 + 6 * HOUR_MS, T0 + 6 * HOUR_MS + 1]
+    events, _ = detect_meters(stream([0.02] * 3, ts=ts), MeterParams(), MeterState(1))
+    assert [(t, r, up) for _, t, r, up, _ in events.rows()] == [(ts[2], Rule.CONTINUOUS_FLOW, True)]
+
+
+def test_continuous_flow_broken_by_a_near_zero_reading() -> None:
+    hours = [0, 4, 5, 9, 12]
+    cols = stream([0.5, 0.5, 0.004, 0.5, 0.5], ts=[T0 + h * HOUR_MS for h in hours])
+    assert run(cols, Rule.CONTINUOUS_FLOW, dt=HOUR_MS) == []
+
+
+def test_micro_leak_small_flow_for_two_hours_of_the_night() -> None:
+    # every 10 min from 00:30 to 04:50 local, 0.03 m3/h: the night run starts at 01:00
+    t0 = LOCAL_MIDNIGHT + 30 * MINUTE_MS
+    dt = 10 * MINUTE_MS
+    cols = stream([0.03] * 27, dt=dt, t0=t0)
+    assert run(cols, Rule.MICRO_LEAK, dt=dt, t0=t0) == [(15, True)]  # 03:00
+    # a reading above the micro range breaks the run (01:30), a night zero clears (03:50)
+    flows = [0.03] * 6 + [0.5] + [0.03] * 13 + [0.0] + [0.03] * 3
+    assert run(stream(flows, dt=dt, t0=t0), Rule.MICRO_LEAK, dt=dt, t0=t0) == [
+        (19, True),
+        (20, False),
+    ]
+
+
+def test_micro_leak_is_cleared_by_a_night_zero_not_a_daytime_one() -> None:
+    dt = 10 * MINUTE_MS
+    t0 = LOCAL_MIDNIGHT + HOUR_MS  # 01:00
+    night1 = [0.03] * 13  # 01:00 .. 03:00: raised at 03:00
+    ts = [t0 + i * dt for i in range(13)]
+    ts += [LOCAL_MIDNIGHT + 12 * HOUR_MS]  # noon, no flow: breaks nothing at night
+    ts += [LOCAL_MIDNIGHT + 25 * HOUR_MS]  # 01:00 next night, no flow: clears
+    cols = stream([*night1, 0.0, 0.0], ts=ts)
+    events, _ = detect_meters(cols, MeterParams(), MeterState(1))
+    got = [(t, up) for _, t, r, up, _ in events.rows() if r == Rule.MICRO_LEAK]
+    assert got == [(ts[12], True), (ts[14], False)]
+
+
+def test_micro_leak_night_run_restarts_on_the_next_night() -> None:
+    # small flow at 04:50 and then (device silent all day) from 01:10 the next night
+    first = LOCAL_MIDNIGHT + 4 * HOUR_MS + 50 * MINUTE_MS
+    nxt = LOCAL_MIDNIGHT + 25 * HOUR_MS + 10 * MINUTE_MS
+    ts = [first, *(nxt + i * 10 * MINUTE_MS for i in range(13))]
+    cols = stream([0.03] * 14, ts=ts)
+    params = MeterParams(micro_never_zero_ms=10**12)
+    events, _ = detect_meters(cols, params, MeterState(1))
+    got = [t for _, t, r, up, _ in events.rows() if r == Rule.MICRO_LEAK and up]
+    assert got == [nxt + 2 * HOUR_MS]
+
+
+def test_micro_leak_never_zero_for_two_days() -> None:
+    ts = [T0 + h * HOUR_MS for h in (0, 12, 24, 36, 48, 50, 52)]
+    cols = stream([0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.5], ts=ts)
+    events, _ = detect_meters(cols, MeterParams(), MeterState(1))
+    got = [(t, up) for _, t, r, up, _ in events.rows() if r == Rule.MICRO_LEAK]
+    assert got == [(ts[4], True), (ts[5], False)]  # any zero clears this branch
+
+
+def test_pressure_low_three_readings_nan_skipped() -> None:
+    p = [1.6, 1.1, NAN, 1.1, 1.0, 1.6, 1.6, NAN, 1.5]
+    cols = stream([0.0] * len(p), pressure_kpa=p)
+    assert run(cols, Rule.PRESSURE_LOW) == [(4, True), (8, False)]
+    assert run(stream([0.0] * 5, pressure_kpa=[NAN] * 5), Rule.PRESSURE_LOW) == []
+    assert run(stream([0.0] * 5), Rule.PRESSURE_LOW) == []  # no pressure column
+
+
+def test_valve_fault_flow_through_a_closed_valve() -> None:
+    cols = stream([0.0, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0], valve_closed=[1] * 7)
+    assert run(cols, Rule.VALVE_FAULT) == [(2, True), (6, False)]
+    assert run(stream([0.1, 0.1], valve_closed=[0, 0]), Rule.VALVE_FAULT) == []
+
+
+def test_tamper_at_once_clears_after_two_clean_readings() -> None:
+    cols = stream([0.0] * 5, tamper=[0, 1, 0, 1, 0])
+    assert run(cols, Rule.TAMPER) == [(1, True)]
+    cols = stream([0.0] * 5, tamper=[1, 0, 0, 0, 0])
+    assert run(cols, Rule.TAMPER) == [(0, True), (2, False)]
+
+
+def test_reverse_flow_flag_or_negative_flow() -> None:
+    cols = stream([0.1, -0.1, 0.1, 0.1, 0.1, -0.004], reverse_flow=[0, 0, 0, 0, 0, 0])
+    assert run(cols, Rule.REVERSE_FLOW) == [(1, True), (3, False)]
+    cols = stream([0.1] * 4, reverse_flow=[1, 0, 0, 0])
+    assert run(cols, Rule.REVERSE_FLOW) == [(0, True), (2, False)]
+
+
+def test_meter_sensor_fault_volume_back_flow_range_battery() -> None:
+    vol = [100.0, 100.1, 100.09, 100.1, 100.2, 100.1995]
+    assert run(stream([0.1] * 6, volume_m3=vol), Rule.SENSOR_FAULT) == [(2, True), (4, False)]
+    assert run(stream([0.1, 61.0, 0.1, 0.1, -7.0], volume_m3=[100.0] * 5), Rule.SENSOR_FAULT) == [
+        (1, True),
+        (3, False),
+        (4, True),
+    ]
+    cols = stream([0.1] * 4, battery_pct=[50, 120, NAN, 90])
+    assert run(cols, Rule.SENSOR_FAULT) == [(1, True), (3, False)]
+
+
+def test_comm_lost_is_skipped_by_the_other_rules() -> None:
+    cols = stream(
+        [0.1, NAN, 0.1, 0.0, 0.0],
+        valve_closed=[1, 0, 1, 1, 1],
+        comm_lost=[0, 1, 0, 0, 0],
+        volume_m3=[100.0, NAN, 100.0, 100.0, 100.0],
+    )
+    assert run(cols, Rule.VALVE_FAULT) == [(2, True), (4, False)]
+    assert run(cols, Rule.SILENT) == [(1, True), (2, False)]
+    assert run(cols, Rule.SENSOR_FAULT) == []
