@@ -225,6 +225,15 @@ class Ingest:
         """Store a micro-batch in one transaction (retrying while the database is away)."""
         started = time.monotonic()
         accepted, dead = self.accept(messages)
+        await self._store(messages, accepted, dead, started)
+
+    async def _store(
+        self,
+        messages: Sequence[Message],
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+        started: float,
+    ) -> None:
         while True:
             try:
                 async with self._db_lock:
@@ -373,6 +382,7 @@ class Ingest:
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )
+        pending: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -381,7 +391,8 @@ class Ingest:
                 self._wake.clear()
                 if not self._inbox:
                     continue
-                if len(self._inbox) < self.settings.ingest_max_messages:
+                urgent = any(m.topic.endswith("/alarm") for m in self._inbox)
+                if len(self._inbox) < self.settings.ingest_max_messages and not urgent:
                     await asyncio.sleep(self.settings.ingest_max_wait_ms / 1000)
                 batch, self._inbox = (
                     self._inbox[: self.settings.ingest_max_messages],
@@ -389,8 +400,18 @@ class Ingest:
                 )
                 if self._inbox:
                     self._wake.set()
-                await self.process(batch)
+                started = time.monotonic()
+                accepted, dead = self.accept(batch)  # decoding overlaps the previous commit
+                if pending is not None:
+                    await pending  # micro-batches commit in order: detection needs it
+                pending = asyncio.create_task(self._store(batch, accepted, dead, started))
         finally:
+            if pending is not None:
+                done, _ = await asyncio.wait({pending}, timeout=10)
+                if not done:  # the database is away: unacknowledged, so redelivered later
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pending
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
