@@ -215,6 +215,21 @@ class Gateway:
             "next_seq": ("gauge", s.next_seq, "next batch sequence number"),
             "published_total": ("counter", f.sent, "batches handed to the broker"),
             "acked_total": ("counter", f.acked, "batches acknowledged (PUBACK)"),
+            "refused_total": (
+                "counter",
+                f.refused,
+                "batches the broker refused (PUBACK reason code); retried after a backoff",
+            ),
+            "rejected_readings_total": (
+                "counter",
+                self.batcher.rejected,
+                "readings that could not be encoded into a batch (dropped)",
+            ),
+            "mqtt_device_rejected_total": (
+                "counter",
+                self.mqtt_devices.rejected if self.mqtt_devices is not None else 0,
+                "unusable messages from MQTT-native devices",
+            ),
             "last_puback_ms": ("gauge", f.last_puback_ms, "epoch ms of the last PUBACK"),
             "broker_connected": ("gauge", int(self.link.connected), "1 while connected"),
             "commands_total": ("counter", self.commands.executed, "commands executed"),

@@ -194,6 +194,20 @@ class Spool:
         self._report(dropped)
         return SpooledBatch(seq, topic, payload, alarm, readings, created_ms)
 
+    def batches(self, seqs: Iterable[int]) -> list[SpooledBatch]:
+        """The batches of ``seqs`` still in the spool, in ascending seq."""
+        wanted = sorted(set(seqs))
+        rows = []
+        with self._guard():
+            for lo in range(0, len(wanted), _IN_CHUNK):
+                part = wanted[lo : lo + _IN_CHUNK]
+                rows += self._db.execute(
+                    f"SELECT {_BATCH_COLUMNS} FROM batches"
+                    f" WHERE seq IN ({', '.join('?' * len(part))}) ORDER BY seq",
+                    part,
+                ).fetchall()
+        return [SpooledBatch(s, t, p, bool(a), r, c) for s, t, p, a, r, c in rows]
+
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[SpooledBatch]:
         """Unacknowledged batches with ``seq > after_seq``, in ascending seq."""
         return self._pending("", after_seq, limit)

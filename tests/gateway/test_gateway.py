@@ -258,3 +258,54 @@ def test_an_alarm_goes_out_before_the_backlog_of_a_broker_outage(
     first_alarm = next(i for i, a in enumerate(replayed) if a.channel == "alarm")
     assert first_alarm < backlog // 10, f"alarm arrived after {first_alarm} of {backlog} batches"
     assert list(replayed[first_alarm].batch.dev) == ["D-0002"]
+
+
+def test_a_refused_batch_is_retried_after_a_backoff_without_resending_the_others(
+    sim_server: Callable[..., SimServer],
+    broker_with: Callable[..., Broker],
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    broker = broker_with(f"allow_anonymous true\nacl_file {tmp_path}/acl", start=False)
+    acl = tmp_path / "acl"
+    allowed = ["read gasguard/v1/#"] + [
+        f"write gasguard/v1/GW-T/{channel}" for channel in ("telemetry", "state", "cmd/result")
+    ]
+    acl.write_text("".join(f"topic {line}\n" for line in allowed))  # no alarms yet
+    broker.start()
+    server = sim_server(2, 0)
+    collector = Collector(broker)
+    gw = GatewayThread(gateway_config(tmp_path, broker, server, interval=0.1))
+    forwarder = gw.gateway.forwarder  # type: ignore[union-attr]
+    try:
+        collector.wait_until(lambda: len(collector.batches) >= 3)
+        server.inject({"device": "D-0002", "type": "gas_leak", "rate_lel_per_min": 600})
+        server.call(lambda: server.sim.run_for(5))
+        collector.wait_until(lambda: gw.call(lambda: forwarder.refused) == 1, timeout=5)
+        refused_at = time.monotonic()
+        routine = len(collector.batches)
+        collector.wait_until(lambda: len(collector.batches) >= routine + 10, timeout=5)
+        # Mosquitto 2.0.11 with our tuning (max_queued_messages 0) also drops the connection
+        # after it refuses a QoS 1 publish: the replay after the reconnect must skip the batch.
+        assert gw.call(lambda: forwarder.refused) == 1, "not retried before its backoff"
+        assert not any(c == "alarm" for c, _ in collector.batches)
+        acl.write_text(acl.read_text() + "topic write gasguard/v1/GW-T/alarm\n")
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGHUP)  # mosquitto reads its ACL again
+        collector.wait_until(lambda: any(c == "alarm" for c, _ in collector.batches), timeout=10)
+        retried_after = time.monotonic() - refused_at
+        figures = gw.call(lambda: gw.gateway.snapshot()["figures"])  # type: ignore[union-attr]
+        connects = gw.call(lambda: gw.gateway.link.connects)  # type: ignore[union-attr]
+    finally:
+        gw.stop()
+        collector.close()
+    assert 3.5 <= retried_after <= 8.0, "after the first backoff (5 s, +-20 %)"
+    assert connects <= 2, "refused once, accepted on the retry"
+    alarms = [b for c, b in collector.batches if c == "alarm"]
+    assert len(alarms) == 1 and list(alarms[0].dev) == ["D-0002"]
+    seqs = telemetry_seqs(collector)
+    assert len(seqs) - len(set(seqs)) <= 5, "only what was in flight at the drop is sent again"
+    assert figures["refused_total"][1] == 1
+    assert figures["rejected_readings_total"][1] == 0
+    assert figures["mqtt_device_rejected_total"][1] == 0

@@ -126,6 +126,17 @@ def test_pending_alarms_and_routine_split_the_pending_batches_each_in_seq_order(
         assert not any(b.alarm for b in spool.pending_routine())
 
 
+def test_batches_by_seq_are_those_still_in_the_spool(path: Path) -> None:
+    with open_spool(path) as spool:
+        for i in range(5):
+            put(spool, alarm=i == 3)
+        spool.ack(2)
+        got = spool.batches([5, 4, 2, 1, 99, 4])
+        assert [(b.seq, b.alarm) for b in got] == [(1, False), (4, True), (5, False)]
+        assert got[0].payload.startswith(b'{"seq":1}')
+        assert spool.batches([]) == []
+
+
 def test_ack_removes_and_a_second_ack_returns_false(path: Path) -> None:
     with open_spool(path) as spool:
         for _ in range(3):
