@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -306,7 +306,13 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _profile_from_toml(text: str, source: str) -> Profile:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+Describe = Callable[[Any, dict[str, Any]], list[str]]
+
+
+def validate_toml(text: str, source: str, model: type[ModelT], describe: Describe) -> ModelT:
+    """Parse a profile's TOML and validate it with ``model``; every problem in one
+    :class:`ProfileError`, each line phrased by ``describe`` (shared by both profile kinds)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -314,22 +320,29 @@ def _profile_from_toml(text: str, source: str) -> Profile:
     if "source" in data:
         raise ProfileError(source, ["unknown key 'source' (the loader sets it)"])
     try:
-        return Profile.model_validate({**data, "source": source})
+        return model.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems = [line for err in exc.errors() for line in _describe(err, data)]
+        problems = [line for err in exc.errors() for line in describe(err, data)]
         raise ProfileError(source, problems) from exc
+
+
+def read_profile_text(path: str | Path) -> str:
+    """A profile file's text; :class:`ProfileError` when it cannot be read as UTF-8."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ProfileError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(str(path), [f"not UTF-8 text: {exc}"]) from exc
+
+
+def _profile_from_toml(text: str, source: str) -> Profile:
+    return validate_toml(text, source, Profile, _describe)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile file; raise :class:`ProfileError` naming every problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ProfileError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ProfileError(source, [f"not UTF-8 text: {exc}"]) from exc
-    return _profile_from_toml(text, source)
+    return _profile_from_toml(read_profile_text(path), str(path))
 
 
 def builtin_profile_names() -> list[str]:

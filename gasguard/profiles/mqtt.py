@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -25,13 +24,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from gasguard.fields import COMM_LOST, FIELDS, Kind
-from gasguard.profiles.model import ProfileError
+from gasguard.profiles.model import ProfileError, read_profile_text, validate_toml
 
 JsonScalar = bool | int | float | str
 DEFAULT_TRUE: tuple[JsonScalar, ...] = (True, 1, "ON", "on", "true", "1")
@@ -308,29 +306,12 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
 
 
 def _profile_from_toml(text: str, source: str) -> MqttProfile:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(source, [f"TOML syntax error: {exc}"]) from exc
-    if "source" in data:
-        raise ProfileError(source, ["unknown key 'source' (the loader sets it)"])
-    try:
-        return MqttProfile.model_validate({**data, "source": source})
-    except ValidationError as exc:
-        problems = [line for err in exc.errors() for line in _describe(err, data)]
-        raise ProfileError(source, problems) from exc
+    return validate_toml(text, source, MqttProfile, _describe)
 
 
 def load_mqtt_profile(path: str | Path) -> MqttProfile:
     """Read and validate an MQTT profile file; raise :class:`ProfileError` naming each problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ProfileError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ProfileError(source, [f"not UTF-8 text: {exc}"]) from exc
-    return _profile_from_toml(text, source)
+    return _profile_from_toml(read_profile_text(path), str(path))
 
 
 def builtin_mqtt_profile_names() -> list[str]:
