@@ -414,9 +414,9 @@ def consumer_main(
                     stats[N_HOUSEKEEP] += 1
                     stats[T_HOUSEKEEP_MAX] = max(stats[T_HOUSEKEEP_MAX], us)
 
-            async def process(self, messages: Any) -> None:
+            async def _store(self, messages: Any, accepted: Any, dead: Any, t0: float) -> None:
                 started = time.perf_counter()
-                await super().process(messages)
+                await super()._store(messages, accepted, dead, t0)
                 h = self.health
                 stats[GG_MAXLAT_US] = max(
                     stats[GG_MAXLAT_US], int((time.perf_counter() - started) * 1e6)

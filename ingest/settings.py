@@ -13,7 +13,7 @@ class IngestSettings(CommonSettings):
     # device's readings reach one consumer in order (see README "Scaling ingest").
     ingest_shards: int = Field(1, ge=1, le=1024)
     ingest_shard: int = Field(0, ge=0)
-    ingest_max_messages: int = Field(1000, ge=1, le=100_000)
+    ingest_max_messages: int = Field(250, ge=1, le=100_000)  # bounds the wait of an alarm
     ingest_max_wait_ms: int = Field(50, ge=0, le=60_000)
     ingest_receive_maximum: int = Field(2000, ge=1, le=65535)
     ingest_metrics_port: int = Field(9109, ge=0, le=65535)
