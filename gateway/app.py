@@ -98,6 +98,10 @@ class Gateway:
                 tls=c.broker.tls,
                 ca_file=c.broker.ca_file,
                 keepalive=c.broker.keepalive,
+                # A persistent session: a command published while the gateway reconnects is
+                # kept by the broker and delivered when it is back (up to a day later).
+                clean_start=False,
+                session_expiry_s=86400,
                 will=Will(topic(gw, "state"), b"offline"),
                 online=Will(topic(gw, "state"), b"online"),
                 subscriptions=((topic(gw, "cmd"), 1),),
@@ -136,7 +140,6 @@ class Gateway:
             if mqtt_devices and c.local_broker
             else None
         )
-        self._results: list[bytes] = []
         self.commands = CommandHandler(self.pollers, self.spool, self._publish_result)
         self.link.on_message = self._on_command
         self._command_tasks: set[asyncio.Task[Any]] = set()
@@ -145,19 +148,8 @@ class Gateway:
         self.batcher.add(reading, urgent)
 
     def _publish_result(self, payload: bytes) -> None:
-        self._results.append(payload)
-        self._flush_results()
-
-    def _flush_results(self) -> None:
-        while self._results:
-            if (
-                self.link.publish(
-                    topic(self.config.gateway_id, "cmd/result"), self._results[0], qos=1
-                )
-                is None
-            ):
-                return  # sent after the next CONNACK
-            self._results.pop(0)
+        """Kept until its PUBACK, sent again after a reconnect (see Forwarder.forward)."""
+        self.forwarder.forward(topic(self.config.gateway_id, "cmd/result"), payload)
 
     def _on_command(self, msg: Any) -> None:
         task = asyncio.create_task(self.commands.handle(msg.payload))
@@ -244,13 +236,6 @@ class Gateway:
             )
             await metrics.start()
         inner = asyncio.Event()
-        previous_connected = self.link.on_connected
-
-        def connected() -> None:
-            previous_connected()
-            self._flush_results()
-
-        self.link.on_connected = connected
         tasks = [
             asyncio.create_task(self.link.run(), name="mqtt-link"),
             asyncio.create_task(self.forwarder.run(inner), name="forwarder"),

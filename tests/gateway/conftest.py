@@ -209,3 +209,84 @@ def broker_with(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     yield make
     for b in brokers:
         b.stop()
+
+
+class CuttableProxy:
+    """A TCP proxy in front of a broker, run by a loop in its own thread: the test cuts the
+    gateway's network (not MQTT) with it. ``swallow`` drops what the gateway sends, so its
+    publishes vanish without a PUBACK; ``cut`` closes every connection, and with
+    ``refuse=True`` it refuses new ones until ``allow``."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.target = (broker.host, broker.port)
+        self.port = free_port()
+        self.swallow = False
+        self._refuse = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port), self.loop
+        ).result(10)
+
+    @property
+    def broker(self) -> Broker:
+        """The broker as the gateway's config should name it."""
+        return Broker("127.0.0.1", self.port, Path("/dev/null"), Path("/dev/null"))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refuse:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not (up and self.swallow):
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        self._writers -= {writer, up_writer}
+
+    def cut(self, refuse: bool = False) -> None:
+        def close_all() -> None:
+            self._refuse = refuse
+            for w in list(self._writers):
+                w.transport.abort()
+
+        self.loop.call_soon_threadsafe(close_all)
+
+    def allow(self) -> None:
+        self.loop.call_soon_threadsafe(setattr, self, "_refuse", False)
+
+    def close(self) -> None:
+        self.cut(refuse=True)
+        self._server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[[Broker], CuttableProxy]]:
+    proxies: list[CuttableProxy] = []
+
+    def make(broker: Broker) -> CuttableProxy:
+        p = CuttableProxy(broker)
+        proxies.append(p)
+        return p
+
+    yield make
+    for p in proxies:
+        p.close()

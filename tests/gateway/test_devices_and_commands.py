@@ -14,7 +14,7 @@ from paho.mqtt import publish
 
 from tests.collector import Collector
 from tests.conftest import Broker
-from tests.gateway.conftest import GatewayThread, SimServer, gateway_config
+from tests.gateway.conftest import CuttableProxy, GatewayThread, SimServer, gateway_config
 from tests.gateway.test_gateway import readings_of
 
 pytestmark = pytest.mark.integration
@@ -339,3 +339,80 @@ def test_a_refused_command_subscription_is_logged_as_an_error(
         f"MQTT broker 127.0.0.1:{broker.port} refused the subscription to gasguard/v1/GW-T/cmd:"
         " Not authorized"
     ]
+
+
+def command_results(collector: Collector, command_id: str) -> list[dict[str, object]]:
+    found = [orjson.loads(r) for r in list(collector.results)]
+    return [r for r in found if r.get("id") == command_id]
+
+
+def test_a_command_sent_while_the_gateway_is_cut_off_is_delivered_when_it_reconnects(
+    sim_server: Callable[..., SimServer],
+    mosquitto: Broker,
+    proxy: Callable[[Broker], CuttableProxy],
+    tmp_path: Path,
+) -> None:
+    server = sim_server(1, 1)
+    network = proxy(mosquitto)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, network.broker, server))
+    link = gw.gateway.link  # type: ignore[union-attr]
+    try:
+        collector.wait_until(lambda: gw.call(lambda: link.connected), timeout=10)
+        network.cut(refuse=True)
+        collector.wait_until(lambda: not gw.call(lambda: link.connected), timeout=10)
+        body = {"id": "T-CUT", "device": "M-0001", "action": "close_valve"}
+        publish.single(
+            "gasguard/v1/GW-T/cmd",
+            orjson.dumps(body),
+            qos=1,
+            hostname=mosquitto.host,
+            port=mosquitto.port,
+        )
+        time.sleep(0.5)
+        network.allow()
+        collector.wait_until(lambda: bool(command_results(collector, "T-CUT")), timeout=15)
+    finally:
+        gw.stop()
+        collector.close()
+    assert command_results(collector, "T-CUT")[0]["status"] == "done"
+    assert server.values("M-0001")["valve_closed"] is True
+
+
+def test_a_command_result_lost_in_flight_is_sent_again_after_a_reconnect(
+    sim_server: Callable[..., SimServer],
+    mosquitto: Broker,
+    proxy: Callable[[Broker], CuttableProxy],
+    tmp_path: Path,
+) -> None:
+    server = sim_server(1, 1)
+    network = proxy(mosquitto)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, network.broker, server, timeout=2.0))
+    gateway = gw.gateway
+    assert gateway is not None
+    try:
+        collector.wait_until(lambda: gw.call(lambda: gateway.link.connected), timeout=10)
+        server.inject({"device": "M-0001", "type": "slow_response", "delay_ms": 600})
+        body = {"id": "T-LOST", "device": "M-0001", "action": "close_valve"}
+        publish.single(
+            "gasguard/v1/GW-T/cmd",
+            orjson.dumps(body),
+            qos=1,
+            hostname=mosquitto.host,
+            port=mosquitto.port,
+        )
+        time.sleep(0.3)  # the gateway has the command (and acknowledged it); the write is slow
+        network.swallow = True  # what the gateway sends now never reaches the broker
+        collector.wait_until(lambda: gw.call(lambda: gateway.commands.executed) == 1, timeout=10)
+        time.sleep(0.3)  # the result went out, into the void
+        assert gw.call(lambda: (gateway.link.connected, gateway.forwarder.kept)) == (True, 1)
+        connects = gw.call(lambda: gateway.link.connects)
+        network.cut()
+        network.swallow = False
+        collector.wait_until(lambda: bool(command_results(collector, "T-LOST")), timeout=15)
+        assert gw.call(lambda: gateway.link.connects) > connects
+    finally:
+        gw.stop()
+        collector.close()
+    assert {r["status"] for r in command_results(collector, "T-LOST")} == {"done"}
