@@ -11,11 +11,14 @@ and is read back to confirm. The outcome is published on ``.../cmd/result``::
 
 with status ``done``, ``failed`` (with a reason), ``unknown_device``, ``not_writable`` or
 ``invalid``. Results are kept by command id: a repeated command gets the same result again
-and is not executed twice.
+and is not executed twice, also when the repeat arrives while the first one still runs (it is
+answered when that one is done). A failure because the device did not answer (a LinkError)
+is not kept: it may be transient, so a retry with the same id runs again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +45,7 @@ class CommandHandler:
         self._publish = publish
         self.executed = 0
         self.repeated = 0
+        self._running: dict[str, asyncio.Future[bytes]] = {}  # command id -> its result
 
     async def handle(self, payload: bytes) -> dict[str, Any]:
         """Execute one command message and publish its result (also returned)."""
@@ -55,12 +59,33 @@ class CommandHandler:
         if not isinstance(cmd_id, str) or not cmd_id or len(cmd_id) > 128:
             return self._result(command, "invalid", "'id' must be a non-empty string (at most 128)")
         earlier = self._spool.command_result(cmd_id)
+        if earlier is None and cmd_id in self._running:
+            log.info("command %s repeated while it runs: answering when it is done", cmd_id)
+            earlier = await asyncio.shield(self._running[cmd_id])
         if earlier is not None:
             self.repeated += 1
             log.info("command %s repeated: answering with its earlier result", cmd_id)
             self._publish(earlier)
             result: dict[str, Any] = orjson.loads(earlier)
             return result
+        running = asyncio.get_running_loop().create_future()
+        running.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters or not
+        self._running[cmd_id] = running
+        try:
+            result = await self._execute(command, cmd_id)
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
+        except Exception as exc:  # the waiting repeats get it too
+            running.set_exception(exc)
+            raise
+        else:
+            running.set_result(orjson.dumps(result))
+        finally:
+            del self._running[cmd_id]
+        return result
+
+    async def _execute(self, command: dict[str, Any], cmd_id: str) -> dict[str, Any]:
         action = command.get("action")
         if action not in ACTIONS:
             return self._result(
@@ -89,8 +114,8 @@ class CommandHandler:
         try:
             await poller.write(VALVE_POINT, want)
             shown = (await poller.read()).get(VALVE_POINT)
-        except LinkError as exc:
-            return self._result(command, "failed", str(exc), keep=True)
+        except LinkError as exc:  # perhaps transient: not kept, a retry runs again
+            return self._result(command, "failed", str(exc))
         if shown is not want:
             return self._result(
                 command, "failed", f"read-back shows valve_closed={shown}", keep=True

@@ -416,3 +416,60 @@ def test_a_command_result_lost_in_flight_is_sent_again_after_a_reconnect(
         gw.stop()
         collector.close()
     assert {r["status"] for r in command_results(collector, "T-LOST")} == {"done"}
+
+
+def test_a_command_repeated_while_it_runs_is_executed_once_and_answered_alike(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(1, 1)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, timeout=2.0))
+    gateway = gw.gateway
+    assert gateway is not None
+    try:
+        collector.wait_until(lambda: gw.call(lambda: gateway.link.connected), timeout=10)
+        server.inject({"device": "M-0001", "type": "slow_response", "delay_ms": 500})
+        body = orjson.dumps({"id": "T-TWICE", "device": "M-0001", "action": "close_valve"})
+        for _ in range(2):  # the hotline's retry (or the broker's redelivery) comes quickly
+            publish.single(
+                "gasguard/v1/GW-T/cmd", body, qos=1, hostname=mosquitto.host, port=mosquitto.port
+            )
+        collector.wait_until(lambda: len(command_results(collector, "T-TWICE")) == 2, timeout=10)
+        counts = gw.call(lambda: (gateway.commands.executed, gateway.commands.repeated))
+    finally:
+        gw.stop()
+        collector.close()
+    first, second = command_results(collector, "T-TWICE")
+    assert first["status"] == "done" and second == first, "the same result, ts included"
+    assert counts == (1, 1), "executed once"
+
+
+def test_a_command_that_failed_on_a_dead_device_runs_again_when_repeated(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(1, 1)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server))
+    gateway = gw.gateway
+    assert gateway is not None
+    body = orjson.dumps({"id": "T-RETRY", "device": "M-0001", "action": "close_valve"})
+
+    def send() -> None:
+        publish.single(
+            "gasguard/v1/GW-T/cmd", body, qos=1, hostname=mosquitto.host, port=mosquitto.port
+        )
+
+    try:
+        collector.wait_until(lambda: gw.call(lambda: gateway.link.connected), timeout=10)
+        server.inject({"device": "M-0001", "type": "silent"})
+        send()
+        collector.wait_until(lambda: len(command_results(collector, "T-RETRY")) == 1, timeout=10)
+        server.inject({"device": "M-0001", "type": "clear"})
+        send()
+        collector.wait_until(lambda: len(command_results(collector, "T-RETRY")) == 2, timeout=10)
+    finally:
+        gw.stop()
+        collector.close()
+    failed, done = command_results(collector, "T-RETRY")
+    assert failed["status"] == "failed" and done["status"] == "done"
+    assert server.values("M-0001")["valve_closed"] is True
