@@ -2,6 +2,9 @@
 building's broker): their messages are mapped through their MQTT profile into readings that go
 into the same batches, spool and rules as Modbus readings. A device that falls silent for
 three of its intervals is reported lost, like a Modbus device that stops answering.
+
+Retained messages are ignored: the broker hands them to every new subscription, and they are
+old values, never to be sent on as fresh ones (nor taken as a lost device's recovery).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class MqttDeviceSource:
         )
         self.link.on_message = self._on_message
         self.rejected = 0
+        self.retained_ignored = 0
 
     @property
     def devices(self) -> dict[str, _Tracked]:
@@ -81,6 +85,12 @@ class MqttDeviceSource:
         tracked = self._by_topic.get(msg.topic)
         if tracked is None:
             return  # another device on the building's broker, not ours
+        if msg.retain:
+            self.retained_ignored += 1
+            log.debug(
+                "%s: retained message on %s ignored (an old value)", tracked.device.id, msg.topic
+            )
+            return
         tracked.stats.polls += 1
         try:
             ts_ms, values = decode_message(

@@ -473,3 +473,56 @@ def test_a_command_that_failed_on_a_dead_device_runs_again_when_repeated(
     failed, done = command_results(collector, "T-RETRY")
     assert failed["status"] == "failed" and done["status"] == "done"
     assert server.values("M-0001")["valve_closed"] is True
+
+
+def test_retained_messages_of_mqtt_native_devices_are_never_sent_as_fresh(
+    sim_server: Callable[..., SimServer],
+    mosquitto: Broker,
+    proxy: Callable[[Broker], CuttableProxy],
+    tmp_path: Path,
+) -> None:
+    server = sim_server(1, 0)
+    wifi = proxy(mosquitto)  # the building's network between the gateway and its broker
+    collector = Collector(mosquitto)
+    old = {"gas": {"lel": 42.0, "alarm": "ON", "fault": "OFF"}, "temperature": 21.5}
+    publish.single(  # the device's last words, kept by the broker long ago
+        "tele/kitchen17/SENSOR",
+        orjson.dumps(old),
+        qos=1,
+        retain=True,
+        hostname=mosquitto.host,
+        port=mosquitto.port,
+    )
+    extra = f'[local_broker]\nhost = "127.0.0.1"\nport = {wifi.port}'
+    devices = (
+        '[[devices]]\nid = "D-WIFI-1"\nkind = "detector"\nprofile = "mqtt-wifi-detector"\n'
+        'transport = "mqtt"\nmqtt_id = "kitchen17"\ninterval = 0.5\n'
+    )
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, extra=extra, devices=devices))
+    source = gw.gateway.mqtt_devices  # type: ignore[union-attr]
+    assert source is not None
+    try:
+        collector.wait_until(lambda: gw.call(lambda: source.retained_ignored) == 1, timeout=10)
+        collector.wait_until(lambda: gw.call(lambda: source.devices["D-WIFI-1"].state) == "lost")
+        wifi.cut()  # the local link reconnects: the broker hands it the old value again
+        collector.wait_until(lambda: gw.call(lambda: source.retained_ignored) == 2, timeout=10)
+        time.sleep(0.3)
+        assert gw.call(lambda: source.devices["D-WIFI-1"].state) == "lost", "not recovered"
+        fresh = {"gas": {"lel": 2.0, "alarm": "OFF", "fault": "OFF"}, "temperature": 21.0}
+        publish.single(
+            "tele/kitchen17/SENSOR",
+            orjson.dumps(fresh),
+            qos=1,
+            hostname=mosquitto.host,
+            port=mosquitto.port,
+        )
+        collector.wait_until(
+            lambda: any(not r["comm_lost"] for r in readings_of(collector, "D-WIFI-1")), timeout=5
+        )
+    finally:
+        gw.stop()
+        collector.close()
+    sent = readings_of(collector, "D-WIFI-1")
+    assert all(r["ch4_lel"] != 42.0 for r in sent), "the retained value was never forwarded"
+    assert not any(c == "alarm" for c, _ in collector.batches), "nor its alarm"
+    assert [r["ch4_lel"] for r in sent if not r["comm_lost"]] == [2.0]
