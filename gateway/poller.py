@@ -4,6 +4,11 @@ Each device has its own timer, timeout and backoff. A device that stops answerin
 as lost (a ``comm_lost`` reading), never as its last values with a new timestamp; it is tried
 again with a growing delay and reported recovered when it answers. Its failures are logged
 once at ERROR and then quietly, so one dead meter cannot flood the log.
+
+A lost device is probed with a short timeout (at most ``PROBE_TIMEOUT_S``): devices that share
+its link (a serial bus, one TCP gateway port) wait for its lock only briefly. A live device
+answers well within it; the link still drops the connection after any timeout, so a late
+answer is never taken for the next request's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from gateway.links import LinkError, ModbusLink
 log = logging.getLogger(__name__)
 
 Value = float | bool
+PROBE_TIMEOUT_S = 0.25
 State = Literal["unknown", "ok", "lost"]
 
 
@@ -95,8 +101,11 @@ class DevicePoller:
     async def read(self) -> dict[str, Value]:
         """Read every point once; LinkError when the device does not answer usably."""
         values: dict[str, Value] = {}
+        timeout = self.settings.timeout
+        if self.state == "lost":
+            timeout = min(timeout, PROBE_TIMEOUT_S)
         for table, start, count, decode in self._blocks:
-            regs = await self.link.read(self.unit, table, start, count, self.settings.timeout)
+            regs = await self.link.read(self.unit, table, start, count, timeout)
             values.update(decode(regs))
         bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:

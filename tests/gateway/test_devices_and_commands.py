@@ -526,3 +526,37 @@ def test_retained_messages_of_mqtt_native_devices_are_never_sent_as_fresh(
     assert all(r["ch4_lel"] != 42.0 for r in sent), "the retained value was never forwarded"
     assert not any(c == "alarm" for c, _ in collector.batches), "nor its alarm"
     assert [r["ch4_lel"] for r in sent if not r["comm_lost"]] == [2.0]
+
+
+def test_a_dead_unit_on_a_shared_port_leaves_the_others_most_of_their_poll_rate(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(3, 3)  # six units behind one Modbus TCP port (a gateway device)
+    config = gateway_config(tmp_path, mosquitto, server, interval=0.1, timeout=1.0)
+    gw = GatewayThread(config)
+    pollers = gw.gateway.pollers  # type: ignore[union-attr]
+    others = [i for i in pollers if i != "D-0001"]
+
+    def polls() -> dict[str, int]:
+        return gw.call(lambda: {i: pollers[i].stats.polls for i in others})
+
+    try:
+        assert len(gw.call(lambda: gw.gateway.links)) == 1  # type: ignore[union-attr]
+        time.sleep(0.5)
+        start = polls()
+        time.sleep(3.0)
+        healthy = {i: n - start[i] for i, n in polls().items()}
+        server.inject({"device": "D-0001", "type": "silent"})
+        deadline = time.monotonic() + 10
+        while gw.call(lambda: pollers["D-0001"].state) != "lost":
+            assert time.monotonic() < deadline, "D-0001 was never reported lost"
+            time.sleep(0.05)
+        start = polls()
+        time.sleep(3.0)
+        with_dead = {i: n - start[i] for i, n in polls().items()}
+        probes = gw.call(lambda: pollers["D-0001"].stats.polls)
+    finally:
+        gw.stop()
+    assert probes >= 4, "the dead unit was still probed"
+    for device in others:
+        assert with_dead[device] >= 0.7 * healthy[device], (device, healthy, with_dead)
