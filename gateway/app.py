@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ from gateway.poller import DevicePoller, PollSettings, Reading
 from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
+
+
+class GatewayCrashError(RuntimeError):
+    """A task of the gateway failed (or ended) unexpectedly; the gateway stopped after it."""
 
 
 def poll_settings(config: GatewayConfig, device: Device) -> PollSettings:
@@ -229,6 +234,13 @@ class Gateway:
         return {"gateway_id": self.config.gateway_id, "figures": figures, "devices": devices}
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then stop cleanly.
+
+        If one of the gateway's tasks (the link, forwarder, batcher, a poller, the MQTT
+        devices) fails or ends before that, it is logged at CRITICAL with its traceback, the
+        gateway stops just as cleanly (readings flushed into the spool) and GatewayCrashError is
+        raised: ``gasguard gateway run`` then exits non-zero and its supervisor restarts it.
+        """
         metrics = None
         if self.config.metrics.port:
             metrics = MetricsServer(
@@ -236,16 +248,16 @@ class Gateway:
             )
             await metrics.start()
         inner = asyncio.Event()
-        tasks = [
-            asyncio.create_task(self.link.run(), name="mqtt-link"),
+        link_task = asyncio.create_task(self.link.run(), name="mqtt-link")
+        workers = [
             asyncio.create_task(self.forwarder.run(inner), name="forwarder"),
             asyncio.create_task(self.batcher.run(inner), name="batcher"),
         ]
-        tasks += [
+        workers += [
             asyncio.create_task(p.run(inner), name=f"poll-{i}") for i, p in self.pollers.items()
         ]
         if self.mqtt_devices is not None:
-            tasks.append(asyncio.create_task(self.mqtt_devices.run(inner), name="mqtt-devices"))
+            workers.append(asyncio.create_task(self.mqtt_devices.run(inner), name="mqtt-devices"))
         log.info(
             "gateway %s: %d Modbus devices on %d links, %d MQTT devices; spool %s (%d waiting)",
             self.config.gateway_id,
@@ -255,25 +267,64 @@ class Gateway:
             self.config.spool_path,
             self.spool.stats().batches,
         )
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        failed: asyncio.Task[None] | None = None
+        error: BaseException | None = None
         try:
-            await stop.wait()
+            done, _ = await asyncio.wait(
+                {stopped, link_task, *workers}, return_when=asyncio.FIRST_COMPLETED
+            )
+            failed = next((t for t in (link_task, *workers) if t in done), None)
+            if failed is not None:
+                error = failed.exception() if not failed.cancelled() else None
+                log.critical(
+                    "gateway task %s %s; stopping the gateway (readings go to the spool)",
+                    failed.get_name(),
+                    "failed" if error is not None else "ended unexpectedly",
+                    exc_info=error,
+                )
         finally:
-            inner.set()
-            await asyncio.gather(
-                *tasks[1:], return_exceptions=True
-            )  # batcher flushes into the spool
+            stopped.cancel()
+            await self._shutdown(inner, link_task, workers)
+            if metrics is not None:
+                with self._step("stop the metrics endpoint"):
+                    await metrics.stop()
+        if failed is not None:
+            what = f"failed: {error!r}" if error is not None else "ended unexpectedly"
+            raise GatewayCrashError(f"gateway task {failed.get_name()} {what}") from error
+
+    async def _shutdown(
+        self,
+        inner: asyncio.Event,
+        link_task: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+    ) -> None:
+        """Stop every task, flush and forward what can be, close everything. Each step runs
+        even if an earlier one fails (after a crash, the cause may fail again)."""
+        inner.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        with self._step("flush the batches into the spool"):
+            self.batcher.flush_all()  # also what came in after the batcher ended (or failed)
+        with self._step("forward the last batches"):
             self.forwarder.pump()
             await self._drain(2.0)
             self.forwarder.commit_acks()
+        with self._step("stop the MQTT link"):
             await self.link.stop()
-            tasks[0].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tasks[0]
-            for link in self.links.values():
+        link_task.cancel()
+        await asyncio.gather(link_task, return_exceptions=True)
+        for link in self.links.values():
+            with self._step(f"close {link.name}"):
                 await link.close()
-            if metrics is not None:
-                await metrics.stop()
+        with self._step("close the spool"):
             self.spool.close()
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            log.exception("while stopping: cannot %s", what)
 
     async def _drain(self, seconds: float) -> None:
         """On a clean stop, wait briefly for in-flight PUBACKs (the rest stay spooled)."""

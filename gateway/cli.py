@@ -25,7 +25,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gateway.app import Gateway
+    import sys
+
+    from gateway.app import Gateway, GatewayCrashError
     from gateway.config import load_config
 
     config, profiles = load_config(args.config)
@@ -43,7 +45,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         await gateway.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except GatewayCrashError as exc:  # logged with its traceback; the supervisor restarts us
+        print(f"gateway stopped after a failure: {exc}", file=sys.stderr)
+        return 1
     print("gateway stopped.")
     return 0
 

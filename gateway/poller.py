@@ -97,6 +97,7 @@ class DevicePoller:
         self._last_values: Mapping[str, Value] | None = None
         self._last_report = -math.inf
         self._last_alarm: bool | None = None
+        self._bug_logged = False
 
     async def read(self) -> dict[str, Value]:
         """Read every point once; LinkError when the device does not answer usably."""
@@ -125,6 +126,14 @@ class DevicePoller:
             values = await self.read()
         except LinkError as exc:
             self._failed(str(exc))
+            return
+        except Exception as exc:  # e.g. a short answer: IndexError, struct.error
+            # Whatever the device (or a decoder) did, it is this device's failed poll: the
+            # poller must go on. The traceback is logged once until the device answers again.
+            if not self._bug_logged:
+                self._bug_logged = True
+                log.exception("%s: unusable answer", self.device_id)
+            self._failed(f"{type(exc).__name__}: {exc}")
             return
         finally:
             self.stats.last_latency_s = time.monotonic() - started
@@ -178,6 +187,7 @@ class DevicePoller:
             log.warning("%s recovered after %d failed polls", self.device_id, self._failures_in_row)
         self.state = "ok"
         self._failures_in_row = 0
+        self._bug_logged = False
         self._backoff.reset()
         self.stats.last_ok_ms = self._now_ms()
         alarm = values.get("alarm")

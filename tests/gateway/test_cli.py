@@ -116,3 +116,48 @@ def test_check_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
         f"gasguard: error: config {bad}: devices[0] (D-1): missing 'transport'"
     )
     assert "Traceback" not in result.stderr
+
+
+CRASHING_GATEWAY = """
+import sys, time
+from gateway.batcher import Batcher
+started = time.monotonic()
+flush_due = Batcher.flush_due
+
+def flush_due_with_a_bug(self):
+    if time.monotonic() - started > 1.5:
+        raise RuntimeError("a bug in the batcher")
+    flush_due(self)
+
+Batcher.flush_due = flush_due_with_a_bug
+from gasguard.cli import main
+sys.exit(main(["gateway", "run", "--config", sys.argv[1]]))
+"""
+
+
+def test_gateway_run_exits_non_zero_after_a_task_fails_so_systemd_restarts_it(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    from tests.gateway.conftest import SimServer, gateway_config
+
+    server = SimServer(1, 1, per_device_ports=False)
+    try:
+        config = gateway_config(tmp_path, mosquitto, server)
+        crashed = subprocess.run(  # noqa: PLW1510 - the test reads returncode
+            [sys.executable, "-c", CRASHING_GATEWAY, str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        server.close()
+    assert crashed.returncode == 1, crashed.stderr
+    assert "CRITICAL gateway.app: gateway task batcher failed" in crashed.stderr
+    assert "RuntimeError: a bug in the batcher" in crashed.stderr, "with the traceback"
+    assert crashed.stderr.rstrip().endswith(
+        "gateway stopped after a failure: gateway task batcher failed:"
+        " RuntimeError('a bug in the batcher')"
+    )
+    assert "gateway stopped." not in crashed.stdout

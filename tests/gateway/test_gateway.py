@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gasguard.profiles import builtin_profile
+from gasguard.profiles import Table, builtin_profile
+from gateway.links import ModbusLink
 from gateway.spool import Spool
 from tests.collector import Collector
 from tests.conftest import Broker
@@ -309,3 +311,94 @@ def test_a_refused_batch_is_retried_after_a_backoff_without_resending_the_others
     assert figures["refused_total"][1] == 1
     assert figures["rejected_readings_total"][1] == 0
     assert figures["mqtt_device_rejected_total"][1] == 0
+
+
+def test_a_failed_task_stops_the_gateway_cleanly_and_makes_run_raise(
+    sim_server: Callable[..., SimServer],
+    mosquitto: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.app import GatewayCrashError
+
+    server = sim_server(2, 2)
+    collector = Collector(mosquitto)
+    waiting = "max_readings = 5000\nmax_delay_ms = 4000"  # readings stay in the batcher
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, batching=waiting))
+    gateway = gw.gateway
+    assert gateway is not None
+
+    def bug() -> None:
+        raise RuntimeError("a bug in the batcher")
+
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="gateway.app"):
+            collector.wait_until(lambda: gw.call(lambda: gateway.batcher.readings) >= 20)
+            gw.call(lambda: setattr(gateway.batcher, "flush_due", bug))
+            gw.thread.join(20)
+        assert not gw.thread.is_alive(), "the gateway stopped by itself"
+        readings = gateway.batcher.readings
+        collector.wait_until(
+            lambda: sum(len(b) for _, b in collector.batches) >= readings, timeout=10
+        )
+    finally:
+        collector.close()
+    assert isinstance(gw.error, GatewayCrashError) and "batcher" in str(gw.error)
+    assert isinstance(gw.error.__cause__, RuntimeError)
+    [critical] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert "batcher failed" in critical.getMessage() and critical.exc_info is not None
+    assert sum(len(b) for _, b in collector.batches) == readings, "every reading was sent"
+    assert collector.state["gasguard/v1/GW-T/state"] == b"offline", "a clean stop"
+
+
+class ShortAnswers:
+    """A real Modbus link whose device answers one register short (a firmware bug)."""
+
+    def __init__(self, link: ModbusLink) -> None:
+        self.link = link
+        self.name = link.name
+        self.short = True
+
+    async def read(
+        self, unit: int, table: Table, start: int, count: int, timeout: float
+    ) -> list[int]:
+        regs = await self.link.read(unit, table, start, count, timeout)
+        return regs[:-1] if self.short else regs
+
+    async def write(
+        self, unit: int, table: Table, address: int, values: Sequence[int], timeout: float
+    ) -> None:
+        await self.link.write(unit, table, address, values, timeout)
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+def test_an_unusable_answer_is_a_failed_poll_not_a_dead_poller(
+    sim_server: Callable[..., SimServer],
+    mosquitto: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = sim_server(1, 1)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, interval=0.1))
+    poller = gw.gateway.pollers["M-0001"]  # type: ignore[union-attr]
+    faulty = ShortAnswers(poller.link)
+    try:
+        with caplog.at_level(logging.ERROR, logger="gateway.poller"):
+            gw.call(lambda: setattr(poller, "link", faulty))
+            deadline = time.monotonic() + 10
+            while gw.call(lambda: poller.stats.failures) < 5:
+                assert time.monotonic() < deadline, "no failed polls"
+                time.sleep(0.05)
+            assert gw.call(lambda: poller.state) == "lost"
+            assert "IndexError" in gw.call(lambda: poller.stats.last_error)
+            faulty.short = False
+            deadline = time.monotonic() + 10
+            while gw.call(lambda: poller.state) != "ok":
+                assert time.monotonic() < deadline, "never recovered"
+                time.sleep(0.05)
+    finally:
+        gw.stop()  # raises if a task failed
+    unusable = [r for r in caplog.records if "unusable answer" in r.getMessage()]
+    assert len(unusable) == 1 and unusable[0].exc_info is not None, "logged once, with traceback"
