@@ -28,6 +28,9 @@ from gateway.spool import Spool
 log = logging.getLogger(__name__)
 
 
+COMMAND_GRACE_S = 10.0  # a stop waits this long for running commands (a write and a read-back)
+
+
 class GatewayCrashError(RuntimeError):
     """A task of the gateway failed (or ended) unexpectedly; the gateway stopped after it."""
 
@@ -110,6 +113,7 @@ class Gateway:
                 will=Will(topic(gw, "state"), b"offline"),
                 online=Will(topic(gw, "state"), b"online"),
                 subscriptions=((topic(gw, "cmd"), 1),),
+                manual_ack=True,  # a command that arrives while we stop stays with the broker
             )
         )
         self.forwarder = Forwarder(self.spool, self.link)
@@ -148,6 +152,7 @@ class Gateway:
         self.commands = CommandHandler(self.pollers, self.spool, self._publish_result)
         self.link.on_message = self._on_command
         self._command_tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     def _sink(self, reading: Reading, urgent: bool) -> None:
         self.batcher.add(reading, urgent)
@@ -157,9 +162,18 @@ class Gateway:
         self.forwarder.forward(topic(self.config.gateway_id, "cmd/result"), payload)
 
     def _on_command(self, msg: Any) -> None:
+        if self._closing:  # not acknowledged: the broker delivers it again after the restart
+            log.warning("a command arrived while the gateway stops: it is run after the restart")
+            return
+        self.link.ack(msg.mid, msg.qos)
         task = asyncio.create_task(self.commands.handle(msg.payload))
         self._command_tasks.add(task)
-        task.add_done_callback(self._command_tasks.discard)
+        task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[Any]) -> None:
+        self._command_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a command failed", exc_info=task.exception())
 
     def snapshot(self) -> dict[str, Any]:
         s = self.spool.stats()
@@ -302,7 +316,9 @@ class Gateway:
         """Stop every task, flush and forward what can be, close everything. Each step runs
         even if an earlier one fails (after a crash, the cause may fail again)."""
         inner.set()
-        await asyncio.gather(*workers, return_exceptions=True)
+        self._closing = True
+        await asyncio.gather(*workers, return_exceptions=True)  # the pollers' last readings
+        await self._finish_commands(COMMAND_GRACE_S)
         with self._step("flush the batches into the spool"):
             self.batcher.flush_all()  # also what came in after the batcher ended (or failed)
         with self._step("forward the last batches"):
@@ -318,6 +334,17 @@ class Gateway:
                 await link.close()
         with self._step("close the spool"):
             self.spool.close()
+
+    async def _finish_commands(self, seconds: float) -> None:
+        """Let running commands finish (their results are then forwarded); cancel the rest."""
+        if not self._command_tasks:
+            return
+        _, late = await asyncio.wait(set(self._command_tasks), timeout=seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("while stopping: %d command(s) still running were cancelled", len(late))
+            await asyncio.gather(*late, return_exceptions=True)
 
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from gasguard.profiles import Table, builtin_profile
@@ -402,3 +403,58 @@ def test_an_unusable_answer_is_a_failed_poll_not_a_dead_poller(
         gw.stop()  # raises if a task failed
     unusable = [r for r in caplog.records if "unusable answer" in r.getMessage()]
     assert len(unusable) == 1 and unusable[0].exc_info is not None, "logged once, with traceback"
+
+
+def test_a_clean_stop_sends_the_readings_of_the_last_polls(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    server = sim_server(3, 3)
+    for device in server.sim.fleet.devices():  # every poll is in progress most of the time
+        server.inject({"device": device.id, "type": "slow_response", "delay_ms": 150})
+    collector = Collector(mosquitto)
+    waiting = "max_readings = 5000\nmax_delay_ms = 600000"  # nothing leaves before the stop
+    config = gateway_config(
+        tmp_path, mosquitto, server, interval=0.05, timeout=1.0, batching=waiting
+    )
+    gw = GatewayThread(config)
+    pollers = gw.gateway.pollers  # type: ignore[union-attr]
+    try:
+        time.sleep(1.0)
+    finally:
+        gw.stop()
+    reported = sum(p.stats.reports for p in pollers.values())
+    try:
+        collector.wait_until(
+            lambda: sum(len(b) for _, b in collector.batches) >= reported, timeout=10
+        )
+    finally:
+        collector.close()
+    assert sum(len(b) for _, b in collector.batches) == reported, "every reading arrived"
+
+
+def test_a_clean_stop_lets_a_running_command_finish_and_sends_its_result(
+    sim_server: Callable[..., SimServer], mosquitto: Broker, tmp_path: Path
+) -> None:
+    from paho.mqtt import publish
+
+    server = sim_server(1, 1)
+    collector = Collector(mosquitto)
+    gw = GatewayThread(gateway_config(tmp_path, mosquitto, server, timeout=2.0))
+    gateway = gw.gateway
+    assert gateway is not None
+    try:
+        collector.wait_until(lambda: gw.call(lambda: gateway.link.connected), timeout=10)
+        server.inject({"device": "M-0001", "type": "slow_response", "delay_ms": 700})
+        body = orjson.dumps({"id": "T-STOP", "device": "M-0001", "action": "close_valve"})
+        publish.single(
+            "gasguard/v1/GW-T/cmd", body, qos=1, hostname=mosquitto.host, port=mosquitto.port
+        )
+        time.sleep(0.3)  # the write is under way
+    finally:
+        gw.stop()
+    try:
+        collector.wait_until(lambda: bool(collector.results), timeout=5)
+    finally:
+        collector.close()
+    assert orjson.loads(collector.results[0])["status"] == "done"
+    assert server.values("M-0001")["valve_closed"] is True
