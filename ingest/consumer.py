@@ -193,6 +193,11 @@ class Ingest:
                     )
                 )
                 continue
+            oldest, keep_days = int(batch.ts.min()), self.settings.ingest_retention_days
+            if oldest < time.time() * 1000 - keep_days * DAY_MS:
+                reason = f"timestamp {oldest} ms is older than the {keep_days}-day retention"
+                dead.append(DeadLetter(m.topic, m.payload, "ts", reason))
+                continue
             if batch.gw not in self.registry.gateways:
                 dead.append(DeadLetter(m.topic, m.payload, "gw", f"unknown gateway {batch.gw!r}"))
                 continue

@@ -110,6 +110,14 @@ def test_bad_messages_go_to_dead_letters_and_good_ones_are_still_stored(
     unregistered = make_batch(
         "GW-A", 2, "detector", ["D-0099"], [now], {"ch4_lel": [0.5], "alarm": [False]}
     )
+    ancient = make_batch(
+        "GW-A",
+        4,
+        "detector",
+        ["D-0001"],
+        [now - 500 * 86_400_000],
+        {"ch4_lel": [0.5], "alarm": [False]},
+    )
     wrong_kind = make_batch(
         "GW-A", 3, "meter", ["D-0001"], [now], {"volume_m3": [1.0], "flow_m3h": [0.0]}
     )
@@ -120,6 +128,7 @@ def test_bad_messages_go_to_dead_letters_and_good_ones_are_still_stored(
         (topic("GW-X", "telemetry"), encode_batch(stranger)),
         (topic("GW-A", "telemetry"), encode_batch(unregistered)),
         (topic("GW-A", "telemetry"), encode_batch(wrong_kind)),
+        (topic("GW-A", "telemetry"), encode_batch(ancient)),
         (topic("GW-B", "telemetry"), encode_batch(good)),  # payload from GW-A on GW-B's topic
     ]
     ingest = IngestThread(settings_for(database, mosquitto))
@@ -148,5 +157,8 @@ def test_bad_messages_go_to_dead_letters_and_good_ones_are_still_stored(
     assert "dev: device 'D-0099' is not registered to gateway 'GW-A'" in reasons
     assert "dev: device 'D-0001' is a detector, the batch says meter" in reasons
     assert "gw: payload is from 'GW-A', topic from 'GW-B'" in reasons
+    assert any(
+        r.startswith("ts: timestamp") and "older than the 400-day retention" in r for r in reasons
+    ), reasons
     payload = scalar(database, "SELECT payload FROM dead_letters ORDER BY id LIMIT 1")
     assert bytes(payload) == b"\x00\xffnot json", "the raw payload is kept"
