@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 MOSQUITTO_CONF = ROOT / "deploy" / "mosquitto" / "gasguard.conf"
 
 
@@ -42,6 +46,20 @@ def free_port_block(count: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float = 10.0) -> T:
+    """Run ``fn`` in the thread of ``loop`` (a service's own) and return what it returns."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return future.result(timeout)
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +15,7 @@ import pytest
 from firmware_sim.engine import Simulation
 from firmware_sim.modbus import ModbusFleet
 from firmware_sim.scenario import FleetSpec, Scenario, parse_event
-from tests.conftest import MOSQUITTO_CONF, Broker, free_port, free_port_block
+from tests.conftest import MOSQUITTO_CONF, Broker, call_in_loop, free_port, free_port_block
 
 T = TypeVar("T")
 
@@ -45,16 +44,7 @@ class SimServer:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the simulation's thread (the only one that touches it)."""
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the caller
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(10)
+        return call_in_loop(self.loop, fn)
 
     def inject(self, event: dict[str, Any]) -> None:
         self.call(lambda: self.sim.inject(parse_event(event)))
@@ -159,16 +149,7 @@ class GatewayThread:
         assert ready.wait(10) and self.error is None, self.error
 
     def call(self, fn: Callable[[], T]) -> T:
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(10)
+        return call_in_loop(self.loop, fn)
 
     def stop(self) -> None:
         if self.stop_event is not None and self.thread.is_alive():

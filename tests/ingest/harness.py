@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -16,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.consumer import Ingest
 from ingest.settings import IngestSettings
-from tests.conftest import Broker
+from tests.conftest import Broker, call_in_loop
 
 T = TypeVar("T")
 
@@ -72,16 +71,7 @@ class IngestThread:
         time.sleep(0.3)  # subscriptions acknowledged
 
     def call(self, fn: Callable[[], T]) -> T:
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(10)
+        return call_in_loop(self.loop, fn)
 
     def stop(self) -> None:
         if self._stop is not None and self.thread.is_alive():
