@@ -345,28 +345,35 @@ def load_profile(path: str | Path) -> Profile:
     return _profile_from_toml(read_profile_text(path), str(path))
 
 
-def builtin_profile_names() -> list[str]:
-    """Names of the Modbus profiles shipped in ``gasguard/profiles/data``.
+MQTT_PREFIX = "mqtt-"  # shipped files named mqtt-*.toml are MQTT device profiles
 
-    (``mqtt-*.toml`` there are MQTT device profiles: see :mod:`gasguard.profiles.mqtt`.)
-    """
+
+def shipped_names(mqtt: bool) -> list[str]:
+    """Names of the profiles shipped in ``gasguard/profiles/data``: Modbus or MQTT ones."""
     folder = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER)
-    names = (entry.name for entry in folder.iterdir())
-    return sorted(
-        name.removesuffix(".toml")
-        for name in names
-        if name.endswith(".toml") and not name.startswith("mqtt-")
-    )
+    names = (e.name.removesuffix(".toml") for e in folder.iterdir() if e.name.endswith(".toml"))
+    return sorted(n for n in names if n.startswith(MQTT_PREFIX) == mqtt)
+
+
+def shipped_text(name: str, mqtt: bool) -> tuple[str, str]:
+    """(text, source) of a shipped profile; ProfileError listing the known names."""
+    known = shipped_names(mqtt)
+    if name not in known:
+        what = "MQTT profile" if mqtt else "profile"
+        raise ProfileError(name, [f"no built-in {what} of that name (known: {', '.join(known)})"])
+    entry = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER, f"{name}.toml")
+    return entry.read_text(encoding="utf-8"), str(entry)
+
+
+def builtin_profile_names() -> list[str]:
+    """Names of the Modbus profiles shipped in ``gasguard/profiles/data``."""
+    return shipped_names(mqtt=False)
 
 
 @cache
 def builtin_profile(name: str) -> Profile:
     """A shipped profile by name, e.g. ``"detector-generic"`` or ``"meter-generic"``."""
-    if name not in builtin_profile_names():
-        known = ", ".join(builtin_profile_names())
-        raise ProfileError(name, [f"no built-in profile of that name (known: {known})"])
-    entry = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER, f"{name}.toml")
-    return _profile_from_toml(entry.read_text(encoding="utf-8"), str(entry))
+    return _profile_from_toml(*shipped_text(name, mqtt=False))
 
 
 __all__ = [

@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +28,12 @@ from pydantic import (
 )
 
 from gasguard.fields import COMM_LOST, FIELDS, Kind
-from gasguard.profiles.model import ProfileError, read_profile_text, validate_toml
+from gasguard.profiles.model import (
+    read_profile_text,
+    shipped_names,
+    shipped_text,
+    validate_toml,
+)
 
 JsonScalar = bool | int | float | str
 DEFAULT_TRUE: tuple[JsonScalar, ...] = (True, 1, "ON", "on", "true", "1")
@@ -316,19 +320,13 @@ def load_mqtt_profile(path: str | Path) -> MqttProfile:
 
 def builtin_mqtt_profile_names() -> list[str]:
     """Names of the MQTT profiles shipped in ``gasguard/profiles/data`` (``mqtt-*.toml``)."""
-    folder = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER)
-    names = (entry.name for entry in folder.iterdir() if entry.name.endswith(".toml"))
-    return sorted(n.removesuffix(".toml") for n in names if n.startswith(_PREFIX))
+    return shipped_names(mqtt=True)
 
 
 @cache
 def builtin_mqtt_profile(name: str) -> MqttProfile:
     """A shipped MQTT profile by name, e.g. ``"mqtt-wifi-detector"``."""
-    if name not in builtin_mqtt_profile_names():
-        known = ", ".join(builtin_mqtt_profile_names())
-        raise ProfileError(name, [f"no built-in MQTT profile of that name (known: {known})"])
-    entry = resources.files(_DATA_PACKAGE).joinpath(_DATA_FOLDER, f"{name}.toml")
-    return _profile_from_toml(entry.read_text(encoding="utf-8"), str(entry))
+    return _profile_from_toml(*shipped_text(name, mqtt=True))
 
 
 __all__ = [
