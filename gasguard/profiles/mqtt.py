@@ -41,9 +41,6 @@ DEFAULT_FALSE: tuple[JsonScalar, ...] = (False, 0, "OFF", "off", "false", "0")
 PLACEHOLDER = "{device}"
 EPOCH_MS_ABOVE = 1e11  # a larger epoch number is milliseconds (1e11 s is the year 5138)
 
-_DATA_PACKAGE = "gasguard.profiles"
-_DATA_FOLDER = "data"
-_PREFIX = "mqtt-"
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$", re.ASCII)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
