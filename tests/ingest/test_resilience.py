@@ -34,7 +34,7 @@ def consumer_process(
         "GASGUARD_MQTT_PORT": str(broker.port),
         "GASGUARD_INGEST_CLIENT_ID": client_id,
         "GASGUARD_INGEST_METRICS_PORT": "0",
-        "GASGUARD_INGEST_MAX_MESSAGES": "20",
+        "GASGUARD_INGEST_MAX_MESSAGES": "5",
         "GASGUARD_INGEST_STATE_EVERY_S": "0.5",
     }
     return subprocess.Popen(
@@ -50,7 +50,7 @@ def test_consumer_killed_mid_stream_stores_every_reading_exactly_once(
     database: str, mosquitto: Broker, tmp_path: Path
 ) -> None:
     register(database, registry_csv(tmp_path / "r.csv", "GW-K", 40, 40))
-    messages, readings = fleet_messages("GW-K", 40, 60)  # 240 messages, 4,800 readings
+    messages, readings = fleet_messages("GW-K", 40, 150)  # 600 messages, 12,000 readings
     client_id = f"ingest-kill-{uuid.uuid4().hex[:6]}"
     log = tmp_path / "consumer.log"
     first = consumer_process(database, mosquitto, client_id, log)
@@ -59,7 +59,7 @@ def test_consumer_killed_mid_stream_stores_every_reading_exactly_once(
         publisher = threading.Thread(target=publish_all, args=(mosquitto, messages))
         publisher.start()
         wait_for(
-            lambda: (scalar(database, STORED) or 0) > readings // 5, timeout=60, what="some stored"
+            lambda: (scalar(database, STORED) or 0) > 0, timeout=60, what="some stored"
         )
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
