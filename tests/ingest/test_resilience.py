@@ -58,9 +58,7 @@ def test_consumer_killed_mid_stream_stores_every_reading_exactly_once(
         wait_for(lambda: "consuming from" in log.read_text(), timeout=30, what="consumer up")
         publisher = threading.Thread(target=publish_all, args=(mosquitto, messages))
         publisher.start()
-        wait_for(
-            lambda: (scalar(database, STORED) or 0) > 0, timeout=60, what="some stored"
-        )
+        wait_for(lambda: (scalar(database, STORED) or 0) > 0, timeout=60, what="some stored")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         publisher.join(60)
