@@ -11,11 +11,13 @@ the API and the console build on this.)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import psycopg
+
+from alerting.tickets import silenced
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,31 @@ RULES: dict[str, tuple[str, str, str, str]] = {
 SYSTEM_OWNER = "system:alarms"
 
 
+INCIDENT_OWNER = "system:incidents"
+PRIORITY_ORDER = ["low", "normal", "high", "critical"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    storm_tickets: int = 5
+    storm_window_s: float = 300.0
+    valve_rules: tuple[str, ...] = ("gas_high", "burst")
+
+
 @dataclass
 class Taken:
     rows: int = 0
     opened: int = 0
     appended: int = 0
+    incidents: int = 0
+    valve_commands: list[str] = field(default_factory=list)
 
 
-async def take_outbox(conn: psycopg.AsyncConnection[Any], limit: int = 100) -> Taken:
+async def take_outbox(
+    conn: psycopg.AsyncConnection[Any], limit: int = 100, policy: Policy | None = None
+) -> Taken:
     """Apply up to ``limit`` pending outbox rows in one transaction."""
+    policy = policy or Policy()
     taken = Taken()
     async with conn.transaction(), conn.cursor() as cur:
         await cur.execute(
@@ -55,7 +73,15 @@ async def take_outbox(conn: psycopg.AsyncConnection[Any], limit: int = 100) -> T
         )
         rows = await cur.fetchall()
         for outbox_id, alarm_id, event, payload in rows:
-            opened = await _apply(cur, int(outbox_id), int(alarm_id), str(event), payload)
+            opened = await _apply(
+                cur,
+                outbox_id=int(outbox_id),
+                alarm_id=int(alarm_id),
+                event=str(event),
+                payload=payload,
+                policy=policy,
+                taken=taken,
+            )
             taken.rows += 1
             taken.opened += opened
             taken.appended += not opened
@@ -69,10 +95,13 @@ async def take_outbox(conn: psycopg.AsyncConnection[Any], limit: int = 100) -> T
 
 async def _apply(
     cur: psycopg.AsyncCursor[Any],
+    *,
     outbox_id: int,
     alarm_id: int,
     event: str,
     payload: dict[str, Any],
+    policy: Policy,
+    taken: Taken,
 ) -> bool:
     """One outbox row's effect; True when it opened a ticket."""
     rule = str(payload.get("rule"))
@@ -90,14 +119,16 @@ async def _apply(
     opened = False
     ticket_id = 0
     priority = if_critical if payload.get("severity") == "critical" else otherwise
+    test = False
     if row is None and event == "raised":
+        test = bool(payload.get("test")) or await silenced(cur, household, payload.get("device"))
         await cur.execute(
             """
             INSERT INTO tickets (category, priority, household_id, device_id, cause, source, owner,
-                                 test_mode, on_site_due, resolve_due)
+                                 test_mode, on_site_due, resolve_due, district, summary)
             SELECT %s, %s, %s, %s, %s, 'alarm', %s, %s,
                    now() + make_interval(mins => s.on_site_minutes),
-                   now() + make_interval(mins => s.resolve_minutes)
+                   now() + make_interval(mins => s.resolve_minutes), %s, %s
             FROM service_times s WHERE s.category = %s
             ON CONFLICT (household_id, cause)
                 WHERE status NOT IN ('resolved', 'closed', 'cancelled') DO NOTHING
@@ -110,7 +141,9 @@ async def _apply(
                 payload.get("device"),
                 cause,
                 SYSTEM_OWNER,
-                bool(payload.get("test")),
+                test,
+                payload.get("district"),
+                f"{rule} alarm from {payload.get('device')}",
                 category,
             ),
         )
@@ -133,21 +166,185 @@ async def _apply(
         kind = {"raised": "repeat", "cleared": "alarm_cleared", "confidence": "confirmed"}[event]
         if event == "raised":  # a repeat counts, and can only make the ticket more urgent
             await cur.execute(
-                "UPDATE tickets SET repeats = repeats + 1, priority = (%(order)s::text[])"
-                "[greatest(array_position(%(order)s::text[], priority), "
-                "array_position(%(order)s::text[], %(new)s))] WHERE id = %(id)s",
-                {"order": ["low", "normal", "high", "critical"], "new": priority, "id": ticket_id},
+                "UPDATE tickets SET repeats = repeats + 1, updated_at = now(), "
+                "priority = (%(order)s::text[])[greatest(array_position(%(order)s::text[], "
+                "priority), array_position(%(order)s::text[], %(new)s))], "
+                "inhibited = inhibited AND %(new)s <> 'critical' WHERE id = %(id)s",
+                {"order": PRIORITY_ORDER, "new": priority, "id": ticket_id},
             )
         elif event == "confidence":
             await cur.execute(
-                "UPDATE tickets SET confidence = 'high', priority = CASE "
+                "UPDATE tickets SET confidence = 'high', updated_at = now(), priority = CASE "
                 "WHEN priority = 'critical' THEN 'critical' ELSE 'high' END WHERE id = %s",
                 (ticket_id,),
             )
+        elif event == "cleared":
+            await cur.execute("UPDATE tickets SET updated_at = now() WHERE id = %s", (ticket_id,))
     if kind:
         await cur.execute(
             "INSERT INTO ticket_events (ticket_id, actor, kind, alarm_id, outbox_id, detail) "
             "VALUES (%s, %s, %s, %s, %s, %s)",
             (ticket_id, SYSTEM_OWNER, kind, alarm_id, outbox_id, detail),
         )
+    if opened and not test and payload.get("district"):
+        taken.incidents += await _group_storm(
+            cur,
+            ticket_id=ticket_id,
+            district=str(payload["district"]),
+            cause=cause,
+            category=category,
+            priority=priority,
+            policy=policy,
+        )
+    if (
+        kind in ("opened", "repeat")
+        and payload.get("severity") == "critical"
+        and rule in policy.valve_rules
+    ):
+        command = await _close_valve_by_policy(cur, ticket_id, rule, payload)
+        if command:
+            taken.valve_commands.append(command)
     return opened
+
+
+async def _group_storm(
+    cur: psycopg.AsyncCursor[Any],
+    *,
+    ticket_id: int,
+    district: str,
+    cause: str,
+    category: str,
+    priority: str,
+    policy: Policy,
+) -> int:
+    """Put a newly opened household ticket under its district's incident, opening the
+    incident when this ticket makes a storm. Returns incidents opened (0 or 1)."""
+    await cur.execute(
+        "SELECT i.id FROM incidents i WHERE district = %s AND cause = %s AND closed_at IS NULL",
+        (district, cause),
+    )
+    row = await cur.fetchone()
+    opened = 0
+    if row is None:
+        await cur.execute(
+            "SELECT count(*) FROM tickets WHERE district = %s AND cause = %s "
+            "AND source = 'alarm' AND NOT test_mode AND NOT is_incident "
+            "AND opened_at > now() - %s * interval '1 second' "
+            "AND status IN ('new', 'acknowledged', 'dispatched', 'on_site')",
+            (district, cause, policy.storm_window_s),
+        )
+        count = await cur.fetchone()
+        if count is None or count[0] < policy.storm_tickets:
+            return 0
+        await cur.execute(
+            "INSERT INTO incidents (district, cause) VALUES (%s, %s) "
+            "ON CONFLICT (district, cause) WHERE closed_at IS NULL DO NOTHING RETURNING id",
+            (district, cause),
+        )
+        row = await cur.fetchone()
+        if row is None:  # another instance opened it a moment ago
+            return await _group_storm(
+                cur,
+                ticket_id=ticket_id,
+                district=district,
+                cause=cause,
+                category=category,
+                priority=priority,
+                policy=policy,
+            )
+        opened = 1
+        incident_id = int(row[0])
+        await cur.execute(
+            """
+            INSERT INTO tickets (category, priority, household_id, cause, source, owner,
+                                 on_site_due, resolve_due, district, summary, is_incident,
+                                 incident_id)
+            SELECT %(category)s, %(priority)s, NULL, %(cause)s, 'incident', %(owner)s,
+                   now() + make_interval(mins => s.on_site_minutes),
+                   now() + make_interval(mins => s.resolve_minutes), %(district)s,
+                   %(summary)s, true, %(incident)s
+            FROM service_times s WHERE s.category = %(category)s
+            RETURNING id
+            """,
+            {"category": category, "priority": "critical" if priority == "critical" else "high",
+             "cause": cause, "owner": INCIDENT_OWNER, "district": district,
+             "summary": f"district incident: {cause} in {district}", "incident": incident_id},
+        )  # fmt: skip
+        incident_ticket = await cur.fetchone()
+        assert incident_ticket is not None
+        await cur.execute(
+            "INSERT INTO ticket_events (ticket_id, actor, kind, detail) VALUES (%s, %s, %s, %s)",
+            (incident_ticket[0], INCIDENT_OWNER, "opened",
+             orjson.dumps({"source": "incident", "district": district, "cause": cause}).decode()),
+        )  # fmt: skip
+        # the storm's tickets so far go under it; critical ones stay in the queue
+        await cur.execute(
+            "UPDATE tickets SET incident_id = %s, inhibited = (priority <> 'critical'), "
+            "updated_at = now() WHERE district = %s AND cause = %s AND NOT is_incident "
+            "AND NOT test_mode AND incident_id IS NULL "
+            "AND status IN ('new', 'acknowledged', 'dispatched', 'on_site') RETURNING id",
+            (incident_id, district, cause),
+        )
+        attached = [int(r[0]) for r in await cur.fetchall()]
+    else:
+        incident_id = int(row[0])
+        await cur.execute(
+            "UPDATE tickets SET incident_id = %s, inhibited = (priority <> 'critical'), "
+            "updated_at = now() WHERE id = %s",
+            (incident_id, ticket_id),
+        )
+        attached = [ticket_id]
+    await cur.execute(
+        "UPDATE incidents SET households = (SELECT count(*) FROM tickets WHERE incident_id = %s "
+        "AND NOT is_incident) WHERE id = %s",
+        (incident_id, incident_id),
+    )
+    await cur.execute(
+        "UPDATE tickets SET updated_at = now(), repeats = (SELECT count(*) FROM tickets c "
+        "WHERE c.incident_id = %s AND NOT c.is_incident) WHERE incident_id = %s AND is_incident "
+        "RETURNING id",
+        (incident_id, incident_id),
+    )
+    incident_ticket_row = await cur.fetchone()
+    grouped = orjson.dumps(
+        {"incident": incident_id, "incident_ticket": incident_ticket_row and incident_ticket_row[0]}
+    ).decode()
+    for child in attached:
+        await cur.execute(
+            "INSERT INTO ticket_events (ticket_id, actor, kind, detail) VALUES (%s, %s, %s, %s)",
+            (child, INCIDENT_OWNER, "grouped", grouped),
+        )
+    return opened
+
+
+async def _close_valve_by_policy(
+    cur: psycopg.AsyncCursor[Any], ticket_id: int, rule: str, payload: dict[str, Any]
+) -> str | None:
+    """Request a close-valve command for this ticket, unless it is a test ticket or one was
+    already requested. A burst closes the meter that saw it; a gas leak closes the household's
+    meter (its valve cuts the supply), or the detector's own valve output when it has no meter."""
+    from alerting.valve import request_valve
+
+    await cur.execute("SELECT test_mode, household_id FROM tickets WHERE id = %s", (ticket_id,))
+    row = await cur.fetchone()
+    if row is None or row[0]:
+        return None
+    await cur.execute(
+        "SELECT 1 FROM valve_commands WHERE ticket_id = %s AND action = 'close_valve' "
+        "AND status IN ('pending', 'sent', 'done')",
+        (ticket_id,),
+    )
+    if await cur.fetchone() is not None:
+        return None
+    device = payload.get("device")
+    if rule != "burst":
+        await cur.execute(
+            "SELECT id FROM devices WHERE household_id = %s AND kind = 'meter' ORDER BY id LIMIT 1",
+            (row[1],),
+        )
+        meter = await cur.fetchone()
+        if meter is not None:
+            device = meter[0]
+    if not device:
+        return None
+    return await request_valve(cur, ticket_id, str(device), "close_valve", "policy:valve")

@@ -15,6 +15,7 @@ from gasguard import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alerting.cli import register as register_hotline
     from firmware_sim.cli import register as register_sim
     from gateway.cli import register as register_gateway
     from ingest.cli import register as register_ingest
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_sim(commands)
     register_gateway(commands)
     register_ingest(commands)
+    register_hotline(commands)
     return parser
 
 

@@ -1,0 +1,49 @@
+"""The console's live feed: server-sent events, one per ticket change, each with the ticket's
+current summary; ``resync`` tells the console to reload the queue (after it fell behind or the
+feed lost the database for a moment)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from alerting.api.deps import COOKIE
+from alerting.auth import user_for_token
+from alerting.live import Feed
+
+router = APIRouter(prefix="/api", tags=["live"])
+
+
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    responses={401: {"description": "not signed in"}},
+)
+async def events(request: Request) -> AsyncIterable[ServerSentEvent]:
+    """Ticket events as they happen (``event: ticket``), for every signed-in role."""
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
+    user = None
+    if token:
+        # its own short connection: a pooled one held by a dependency would stay taken for
+        # as long as the console is open
+        async with request.app.state.pool.connection() as conn, conn.cursor() as cur:
+            user = await user_for_token(cur, token)
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first")
+    feed: Feed = request.app.state.feed
+    sub = feed.subscribe()
+    try:
+        hello = orjson.dumps({"user": user.username}).decode()
+        yield ServerSentEvent(event="hello", raw_data=hello, retry=2000)
+        while True:
+            message = await sub.queue.get()
+            kind = "resync" if message.get("resync") else "ticket"
+            if kind == "resync":
+                sub.overflowed = False
+            yield ServerSentEvent(event=kind, raw_data=orjson.dumps(message).decode())
+    finally:
+        feed.unsubscribe(sub)

@@ -1,0 +1,157 @@
+"""The hotline service: FastAPI on PostgreSQL. ``create_app`` wires the routes, the database
+pool and the background work (outbox, escalation, live feed, valve bridge, webhook), all
+started and stopped with the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from psycopg_pool import AsyncConnectionPool
+
+from alerting import tickets
+from alerting.api.models import HealthOut
+from alerting.api.routes import admin, auth, households, live, pages, reports
+from alerting.api.routes import tickets as ticket_routes
+from alerting.live import Feed
+from alerting.outbox import Policy
+from alerting.service import Escalator, OutboxWorker
+from alerting.settings import HotlineSettings
+from gasguard import __version__
+from gasguard.mqtt_link import MqttOptions
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: HotlineSettings | None = None) -> FastAPI:
+    settings = settings or HotlineSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            settings.database_url, min_size=2, max_size=12, open=False, name="hotline"
+        )
+        await pool.open()
+        app.state.pool = pool
+
+        async def describe(ticket_id: int) -> dict[str, Any] | None:
+            async with pool.connection() as conn:
+                return await tickets.summary(conn, ticket_id)
+
+        tasks: list[asyncio.Task[None]] = []
+
+        def start(name: str, coro: Coroutine[Any, Any, None]) -> None:
+            tasks.append(asyncio.create_task(coro, name=name))
+
+        wake_valve = _start_valve(settings, start)
+        app.state.wake_valve = wake_valve
+        outbox = OutboxWorker(
+            settings.database_url,
+            Policy(settings.hotline_storm_tickets, settings.hotline_storm_window_s,
+                   settings.hotline_valve_rules),
+            settings.hotline_outbox_batch,
+            settings.hotline_outbox_poll_s,
+            wake_valve,
+        )  # fmt: skip
+        feed = Feed(settings.database_url, describe, outbox.wake)
+        app.state.feed, app.state.outbox = feed, outbox
+        start("live-feed", feed.run())
+        start("outbox", outbox.run())
+        escalator = Escalator(
+            settings.database_url, settings.hotline_ack_minutes, settings.hotline_escalate_every_s
+        )
+        start("escalation", escalator.run())
+        _start_webhook(settings, start)
+        log.info("hotline %s serving (database %s)", settings.hotline_instance,
+                 settings.database_url.rsplit("@", 1)[-1])  # fmt: skip
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pool.close()
+
+    app = FastAPI(
+        title="GasGuard hotline",
+        version=__version__,
+        description="Tickets from alarms and calls, dispatch, escalation and the live console.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    for module in (auth, ticket_routes, households, reports, admin, live, pages):
+        app.include_router(module.router)
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def bad_data(_request: Request, exc: psycopg.errors.DataError) -> JSONResponse:
+        return JSONResponse({"detail": f"invalid value: {exc.diag.message_primary or exc}"},
+                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)  # fmt: skip
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_down(_request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        log.error("request failed, database unavailable: %s", exc)
+        return JSONResponse({"detail": "the database is unavailable; try again shortly"},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)  # fmt: skip
+
+    @app.get("/health", response_model=HealthOut, tags=["health"],
+             responses={503: {"model": HealthOut}})  # fmt: skip
+    async def health(request: Request) -> Any:
+        database = True
+        try:
+            async with request.app.state.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+        except psycopg.Error as exc:  # PoolTimeout is one too
+            log.debug("health: database check failed: %s", exc)
+            database = False
+        feed: Feed = request.app.state.feed
+        body = {"status": "ok" if database and feed.listening.is_set() else "degraded",
+                "database": database, "live_feed": feed.listening.is_set(),
+                "consoles": feed.subscribers}  # fmt: skip
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    return app
+
+
+def _start_valve(settings: HotlineSettings, start: Any) -> Any:
+    """The valve bridge (MQTT commands to gateways); returns its wake-up call."""
+    if not settings.hotline_valve_enabled:
+        return lambda: None
+    from alerting.valve import ValveBridge
+
+    options = MqttOptions(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        client_id=f"gasguard-hotline-valve-{settings.hotline_instance}",
+        username=settings.mqtt_username,
+        password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
+        tls=settings.mqtt_tls,
+    )
+    bridge = ValveBridge(
+        settings.database_url,
+        options,
+        timeout_s=settings.hotline_valve_timeout_s,
+        expiry_s=settings.hotline_valve_expiry_s,
+    )
+    start("valve", bridge.run())
+    return bridge.wake
+
+
+def _start_webhook(settings: HotlineSettings, start: Any) -> None:
+    if not settings.hotline_webhook_url:
+        return
+    from alerting.webhook import WebhookSender
+
+    assert settings.hotline_webhook_secret is not None  # the settings refuse a URL without it
+    sender = WebhookSender(
+        settings.database_url,
+        settings.hotline_webhook_url,
+        settings.hotline_webhook_secret.get_secret_value(),
+        timeout_s=settings.hotline_webhook_timeout_s,
+    )
+    start("webhook", sender.run())

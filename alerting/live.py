@@ -1,0 +1,117 @@
+"""The live feed: PostgreSQL announces every ticket event (a trigger on ``ticket_events``) and
+every new outbox row (a trigger on ``alarm_outbox``); one listening connection per hotline
+instance hands them out: outbox wake-ups to the worker that takes the outbox, ticket events
+(with the ticket's current summary, read once per event) to every open console.
+
+Because the announcement comes from the database, a change made through any instance, or
+by ingest, reaches the consoles of every instance. A console that cannot keep up loses its
+place (its queue is bounded) and is told to reload, rather than slowing the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import psycopg
+
+from gasguard.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+TICKET_CHANNEL = "gasguard_ticket_events"
+OUTBOX_CHANNEL = "gasguard_outbox"
+RESYNC: dict[str, Any] = {"resync": True}
+
+
+class Subscription:
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def offer(self, message: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.overflowed = True  # the client reloads the queue when it sees RESYNC
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            self.queue.put_nowait(RESYNC)
+
+
+class Feed:
+    def __init__(
+        self,
+        dsn: str,
+        describe: Callable[[int], Awaitable[dict[str, Any] | None]],
+        outbox_wake: asyncio.Event | None = None,
+        queue_size: int = 1000,
+    ) -> None:
+        self._dsn = dsn
+        self._describe = describe  # ticket id -> its summary
+        self._outbox_wake = outbox_wake
+        self._queue_size = queue_size
+        self._subscribers: set[Subscription] = set()
+        self.listening = asyncio.Event()
+        self.events = 0
+
+    def subscribe(self) -> Subscription:
+        sub = Subscription(self._queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.2, cap=10.0)
+        failing = False
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {TICKET_CHANNEL}")
+                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    if failing:
+                        log.info("live feed: listening again")
+                        failing = False
+                        self._broadcast(RESYNC)  # events may have been missed meanwhile
+                    backoff.reset()
+                    self.listening.set()
+                    if self._outbox_wake is not None:
+                        self._outbox_wake.set()
+                    async for note in conn.notifies():
+                        await self._handle(note.channel, note.payload)
+            except psycopg.OperationalError as exc:
+                self.listening.clear()
+                if not failing:
+                    log.error("live feed: database connection lost: %s", exc)
+                    failing = True
+                await asyncio.sleep(backoff.next())
+
+    async def _handle(self, channel: str, payload: str) -> None:
+        if channel == OUTBOX_CHANNEL:
+            if self._outbox_wake is not None:
+                self._outbox_wake.set()
+            return
+        event = orjson.loads(payload)
+        self.events += 1
+        if not self._subscribers:
+            return
+        ticket = await self._describe(int(event["ticket"]))
+        self._broadcast({"event": event, "ticket": ticket})
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        for sub in list(self._subscribers):
+            sub.offer(message)
