@@ -46,8 +46,18 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
 
         tasks: list[asyncio.Task[None]] = []
 
+        def report_crash(task: asyncio.Task[None]) -> None:
+            """A background task runs until the app stops; if one dies, say so loudly (and
+            the health check reports the service degraded)."""
+            if not task.cancelled() and task.exception() is not None:
+                log.critical("hotline task %s stopped: %r", task.get_name(), task.exception(),
+                             exc_info=task.exception())  # fmt: skip
+                app.state.crashed.append(task.get_name())
+
         def start(name: str, coro: Coroutine[Any, Any, None]) -> None:
-            tasks.append(asyncio.create_task(coro, name=name))
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(report_crash)
+            tasks.append(task)
 
         wake_valve = _start_valve(settings, start)
         app.state.wake_valve = wake_valve
@@ -85,6 +95,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.crashed = []
     for module in (auth, ticket_routes, households, reports, admin, live, pages):
         app.include_router(module.router)
 
@@ -110,9 +121,11 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
             log.debug("health: database check failed: %s", exc)
             database = False
         feed: Feed = request.app.state.feed
-        body = {"status": "ok" if database and feed.listening.is_set() else "degraded",
-                "database": database, "live_feed": feed.listening.is_set(),
-                "consoles": feed.subscribers}  # fmt: skip
+        crashed = request.app.state.crashed
+        healthy = database and feed.listening.is_set() and not crashed
+        body = {"status": "ok" if healthy else "degraded", "database": database,
+                "live_feed": feed.listening.is_set(), "consoles": feed.subscribers,
+                "stopped_tasks": crashed}  # fmt: skip
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app

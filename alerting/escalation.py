@@ -39,13 +39,13 @@ async def escalate(conn: psycopg.AsyncConnection[Any], ack_minutes: float) -> Es
                 UPDATE tickets SET escalation_level = escalation_level + 1, notified_at = now(),
                                    updated_at = now()
                 WHERE priority = 'critical' AND status = 'new' AND NOT test_mode AND NOT inhibited
-                  AND notified_at < now() - %(ack)s * interval '1 minute'
+                  AND notified_at < now() - %(ack)s::float8 * interval '1 minute'
                 RETURNING id, escalation_level
             )
             INSERT INTO ticket_events (ticket_id, actor, kind, detail)
             SELECT id, %(actor)s, 'escalated',
                    jsonb_build_object('reason', 'not acknowledged', 'level', escalation_level,
-                                      'after_minutes', %(ack)s)
+                                      'after_minutes', %(ack)s::float8)
             FROM late
             """,
             {"ack": ack_minutes, "actor": ACTOR},
@@ -67,7 +67,7 @@ async def escalate(conn: psycopg.AsyncConnection[Any], ack_minutes: float) -> Es
                 )
                 INSERT INTO ticket_events (ticket_id, actor, kind, detail)
                 SELECT id, %(actor)s, 'promise_breached',
-                       jsonb_build_object('promise', %(promise)s, 'due', due,
+                       jsonb_build_object('promise', %(promise)s::text, 'due', due,
                                           'level', escalation_level)
                 FROM breached
                 """.encode(),

@@ -256,3 +256,4 @@ class HealthOut(BaseModel):
     database: bool
     live_feed: bool
     consoles: int
+    stopped_tasks: list[str]

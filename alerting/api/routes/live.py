@@ -5,16 +5,31 @@ feed lost the database for a moment)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from alerting.api.deps import COOKIE
-from alerting.auth import user_for_token
+from alerting.auth import User, user_for_token
 from alerting.live import Feed
 
 router = APIRouter(prefix="/api", tags=["live"])
+
+
+async def stream_user(request: Request) -> User:
+    """The signed-in user, checked on a short connection of its own: the usual per-request
+    connection would stay taken for as long as the console is open."""
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
+    user = None
+    if token:
+        async with request.app.state.pool.connection() as conn, conn.cursor() as cur:
+            user = await user_for_token(cur, token)
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first")
+    return user
 
 
 @router.get(
@@ -22,18 +37,10 @@ router = APIRouter(prefix="/api", tags=["live"])
     response_class=EventSourceResponse,
     responses={401: {"description": "not signed in"}},
 )
-async def events(request: Request) -> AsyncIterable[ServerSentEvent]:
+async def events(
+    request: Request, user: Annotated[User, Depends(stream_user)]
+) -> AsyncIterable[ServerSentEvent]:
     """Ticket events as they happen (``event: ticket``), for every signed-in role."""
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
-    user = None
-    if token:
-        # its own short connection: a pooled one held by a dependency would stay taken for
-        # as long as the console is open
-        async with request.app.state.pool.connection() as conn, conn.cursor() as cur:
-            user = await user_for_token(cur, token)
-    if user is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first")
     feed: Feed = request.app.state.feed
     sub = feed.subscribe()
     try:
