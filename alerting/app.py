@@ -77,7 +77,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
             settings.database_url, settings.hotline_ack_minutes, settings.hotline_escalate_every_s
         )
         start("escalation", escalator.run())
-        _start_webhook(settings, start)
+        app.state.webhook = _start_webhook(settings, start)
         log.info("hotline %s serving (database %s)", settings.hotline_instance,
                  settings.database_url.rsplit("@", 1)[-1])  # fmt: skip
         try:
@@ -96,6 +96,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.crashed = []
+    app.state.webhook = None
     for module in (auth, ticket_routes, households, reports, admin, live, pages):
         app.include_router(module.router)
 
@@ -140,7 +141,6 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
     options = MqttOptions(
         host=settings.mqtt_host,
         port=settings.mqtt_port,
-        client_id=f"gasguard-hotline-valve-{settings.hotline_instance}",
         username=settings.mqtt_username,
         password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
         tls=settings.mqtt_tls,
@@ -148,6 +148,7 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
     bridge = ValveBridge(
         settings.database_url,
         options,
+        instance=settings.hotline_instance,
         timeout_s=settings.hotline_valve_timeout_s,
         expiry_s=settings.hotline_valve_expiry_s,
     )
@@ -155,9 +156,9 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
     return bridge.wake
 
 
-def _start_webhook(settings: HotlineSettings, start: Any) -> None:
+def _start_webhook(settings: HotlineSettings, start: Any) -> Any:
     if not settings.hotline_webhook_url:
-        return
+        return None
     from alerting.webhook import WebhookSender
 
     assert settings.hotline_webhook_secret is not None  # the settings refuse a URL without it
@@ -168,3 +169,4 @@ def _start_webhook(settings: HotlineSettings, start: Any) -> None:
         timeout_s=settings.hotline_webhook_timeout_s,
     )
     start("webhook", sender.run())
+    return sender

@@ -42,6 +42,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "users.manage": frozenset({"admin"}),
     "service_times.manage": frozenset({"admin"}),
     "audit.read": frozenset({"admin"}),
+    "webhook.read": frozenset({"admin", "engineer"}),
 }
 # the roles that may move only the tickets they own
 OWN_TICKETS_ONLY = frozenset({"call_taker"})

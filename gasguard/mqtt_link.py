@@ -149,12 +149,22 @@ class MqttLink:
 
     # ------------------------------------------------------------------ publishing
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
-        """Hand a message to the broker; its mid, or None when not connected (nothing queued)."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int | None:
+        """Hand a message to the broker; its mid, or None when not connected (nothing queued).
+
+        ``properties`` are MQTT 5 PUBLISH properties, e.g. a MessageExpiryInterval.
+        """
         client = self._client
         if client is None or not self.connected:
             return None
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return int(info.mid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from psycopg.rows import dict_row
 
 from alerting import auth
@@ -155,3 +155,24 @@ async def audit_log(
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute("SELECT * FROM audit_log ORDER BY id DESC LIMIT %s", (limit,))
         return list(await cur.fetchall())
+
+
+@router.get("/webhook", response_model=dict[str, Any], responses=DENIED)
+async def webhook(
+    conn: Conn, request: Request, _user: Annotated[User, Depends(need("webhook.read"))]
+) -> dict[str, Any]:
+    """The outbound webhook: whether it is on, how far it got, and its latest failures."""
+    from alerting.webhook import webhook_status
+
+    sender = request.app.state.webhook
+    if sender is None:
+        return {"enabled": False}
+    status_now = await webhook_status(conn)
+    status_now.update(
+        enabled=True,
+        active=sender.active,
+        delivered=sender.delivered,
+        failed_attempts=sender.failed_attempts,
+        last_error=sender.last_error,
+    )
+    return status_now
