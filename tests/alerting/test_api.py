@@ -33,7 +33,9 @@ def ticket_of(hotline: Hotline, household: str, cause: str) -> dict:  # type: ig
 
     def opened() -> bool:
         queue = hotline.client("dispatcher").get("/api/tickets", params={"include_held": True})
-        found[:] = [t for t in queue.json() if (t["household_id"], t["cause"]) == (household, cause)]
+        found[:] = [
+            t for t in queue.json() if (t["household_id"], t["cause"]) == (household, cause)
+        ]
         return bool(found)
 
     wait_for(opened, 10, f"a {cause} ticket for {household}")
@@ -46,9 +48,14 @@ def test_anonymous_requests_get_401(hotline: Hotline) -> None:
                          ("GET", "/api/households?q=Test"), ("GET", "/api/reports/today"), ("GET", "/api/events"),
                          ("GET", "/api/users"), ("GET", "/api/auth/me")]:  # fmt: skip
         assert anonymous.request(method, path).status_code == 401, (method, path)
-    wrong = httpx.post(f"{hotline.url}/api/auth/login", json={"username": "dispatcher", "password": "nope-nope"})
+    wrong = httpx.post(
+        f"{hotline.url}/api/auth/login", json={"username": "dispatcher", "password": "nope-nope"}
+    )
     assert wrong.status_code == 401
-    assert query(hotline.settings.database_url, "SELECT count(*) FROM audit_log WHERE action = 'login.failed'") == [(1,)]
+    assert query(
+        hotline.settings.database_url,
+        "SELECT count(*) FROM audit_log WHERE action = 'login.failed'",
+    ) == [(1,)]
     forged = httpx.get(f"{hotline.url}/api/tickets", headers={"Authorization": "Bearer forged"})
     assert forged.status_code == 401
 
@@ -66,9 +73,21 @@ def test_each_role_can_do_what_it_should_and_nothing_more(hotline: Hotline, data
         ("engineer", "POST", "/api/tickets", {"category": "enquiry", "summary": "x"}, 403),
         ("engineer", "POST", f"/api/tickets/{alarm_ticket}/acknowledge", None, 403),
         ("technician", "POST", f"/api/tickets/{alarm_ticket}/cancel", {"reason": "mine"}, 403),
-        ("technician", "POST", f"/api/tickets/{alarm_ticket}/dispatch", {"department": "repair"}, 403),
+        (
+            "technician",
+            "POST",
+            f"/api/tickets/{alarm_ticket}/dispatch",
+            {"department": "repair"},
+            403,
+        ),
         ("call-taker", "POST", f"/api/tickets/{alarm_ticket}/acknowledge", None, 403),  # not theirs
-        ("call-taker", "POST", f"/api/tickets/{alarm_ticket}/dispatch", {"department": "repair"}, 403),
+        (
+            "call-taker",
+            "POST",
+            f"/api/tickets/{alarm_ticket}/dispatch",
+            {"department": "repair"},
+            403,
+        ),
         ("call-taker", "POST", f"/api/tickets/{own}/acknowledge", None, 200),  # their own
         ("dispatcher", "GET", "/api/users", None, 403),
         ("dispatcher", "POST", "/api/silences", {"household_id": "H-0003", "reason": "test"}, 403),
@@ -78,12 +97,21 @@ def test_each_role_can_do_what_it_should_and_nothing_more(hotline: Hotline, data
         ("admin", "GET", "/api/audit", None, 200),
         ("dispatcher", "GET", "/api/audit", None, 403),
         ("dispatcher", "POST", f"/api/tickets/{alarm_ticket}/acknowledge", None, 200),
-        ("dispatcher", "POST", f"/api/tickets/{alarm_ticket}/cancel", {"reason": "duplicate of a call"}, 200),
+        (
+            "dispatcher",
+            "POST",
+            f"/api/tickets/{alarm_ticket}/cancel",
+            {"reason": "duplicate of a call"},
+            200,
+        ),
     ]
     for user, method, path, body, expected in cases:
         response = hotline.client(user).request(method, path, json=body)
         assert response.status_code == expected, (user, method, path, response.text)
-    audit = query(database, "SELECT actor, action, target FROM audit_log WHERE action NOT LIKE 'login%%' ORDER BY id")
+    audit = query(
+        database,
+        "SELECT actor, action, target FROM audit_log WHERE action NOT LIKE 'login%%' ORDER BY id",
+    )
     assert ("call-taker", "ticket.create", f"ticket:{own}") in audit
     assert ("technician", "silence.add", "silence:1") in audit
     assert ("dispatcher", "ticket.cancel", f"ticket:{alarm_ticket}") in audit
@@ -103,35 +131,69 @@ def test_an_alarm_ticket_goes_through_its_life_cycle(hotline: Hotline, database:
     assert no_department.status_code == 422 and "department" in no_department.text
     too_early = dispatcher.post(f"/api/tickets/{tid}/resolve", json={"note": "fixed?"})
     assert too_early.status_code == 409 and "on site" in too_early.json()["detail"]
-    sent = dispatcher.post(f"/api/tickets/{tid}/dispatch", json={"department": "emergency repair", "crew": "crew 3"})
+    sent = dispatcher.post(
+        f"/api/tickets/{tid}/dispatch", json={"department": "emergency repair", "crew": "crew 3"}
+    )
     assert (sent.json()["status"], sent.json()["crew"]) == ("dispatched", "crew 3")
     assert technician.post(f"/api/tickets/{tid}/on-site").json()["status"] == "on_site"
-    assert technician.post(f"/api/tickets/{tid}/resolve", json={"note": "hose replaced"}).json()["status"] == "resolved"
+    assert (
+        technician.post(f"/api/tickets/{tid}/resolve", json={"note": "hose replaced"}).json()[
+            "status"
+        ]
+        == "resolved"
+    )
     assert dispatcher.post(f"/api/tickets/{tid}/close").json()["status"] == "closed"
     again = dispatcher.post(f"/api/tickets/{tid}/cancel", json={"reason": "late"})
     assert again.status_code == 409 and "closed" in again.json()["detail"]
     detail = dispatcher.get(f"/api/tickets/{tid}").json()
     kinds = [e["kind"] for e in detail["events"]]
-    assert kinds == ["opened", "valve_requested", "acknowledge", "dispatch", "on_site", "resolve", "close"], kinds
-    assert [e["actor"] for e in detail["events"]][2:] == ["dispatcher", "dispatcher", "technician", "technician", "dispatcher"]
+    assert kinds == [
+        "opened",
+        "valve_requested",
+        "acknowledge",
+        "dispatch",
+        "on_site",
+        "resolve",
+        "close",
+    ], kinds
+    assert [e["actor"] for e in detail["events"]][2:] == [
+        "dispatcher",
+        "dispatcher",
+        "technician",
+        "technician",
+        "dispatcher",
+    ]
     assert detail["events"][5]["detail"]["note"] == "hose replaced"
     assert not dispatcher.get("/api/tickets").json(), "a closed ticket leaves the queue"
-    assert [t["id"] for t in dispatcher.get("/api/tickets", params={"include_closed": True}).json()] == [tid]
+    assert [
+        t["id"] for t in dispatcher.get("/api/tickets", params={"include_closed": True}).json()
+    ] == [tid]
 
 
-def test_a_caller_is_found_and_a_neighbour_joins_the_open_ticket(hotline: Hotline, database: str) -> None:
-    query(database, "UPDATE households SET phone = '+86 21 5555-0102' WHERE id = 'H-0002' RETURNING id")
+def test_a_caller_is_found_and_a_neighbour_joins_the_open_ticket(
+    hotline: Hotline, database: str
+) -> None:
+    query(
+        database,
+        "UPDATE households SET phone = '+86 21 5555-0102' WHERE id = 'H-0002' RETURNING id",
+    )
     taker = hotline.client("call-taker")
     by_address = taker.get("/api/households", params={"q": "2 Test"}).json()
     assert [h["id"] for h in by_address] == ["H-0002"]
-    assert [h["id"] for h in taker.get("/api/households", params={"q": "8621 55550102"}).json()] == ["H-0002"]
+    assert [
+        h["id"] for h in taker.get("/api/households", params={"q": "8621 55550102"}).json()
+    ] == ["H-0002"]
     by_meter = taker.get("/api/households", params={"q": "M-0002"}).json()
     assert [h["id"] for h in by_meter] == ["H-0002"] and not by_meter[0]["open_tickets"]
     first = taker.post("/api/tickets", json={"category": "emergency_repair", "cause": "gas_leak", "household_id": "H-0002",
                                              "summary": "smell of gas in the kitchen", "caller_phone": "5555-0102"})  # fmt: skip
     assert first.status_code == 201 and not first.json()["joined"]
     ticket = first.json()["ticket"]
-    assert (ticket["owner"], ticket["priority"], ticket["source"]) == ("call-taker", "critical", "call")
+    assert (ticket["owner"], ticket["priority"], ticket["source"]) == (
+        "call-taker",
+        "critical",
+        "call",
+    )
     seen = taker.get("/api/households", params={"q": "M-0002"}).json()[0]["open_tickets"]
     assert [t["id"] for t in seen] == [ticket["id"]], "the open ticket is shown first"
     neighbour = taker.post("/api/tickets", json={"category": "emergency_repair", "cause": "gas_leak", "household_id": "H-0002",
@@ -140,27 +202,54 @@ def test_a_caller_is_found_and_a_neighbour_joins_the_open_ticket(hotline: Hotlin
     assert neighbour.json()["id"] == ticket["id"] and neighbour.json()["ticket"]["repeats"] == 1
     # an alarm from the same household for the same cause appends to the caller's ticket
     raise_alarm(database, "D-0002", "gas_low", "major")
-    wait_for(lambda: query(database, "SELECT count(*) FROM alarm_outbox WHERE done_at IS NULL") == [(0,)], 10, "outbox")
+    wait_for(
+        lambda: (
+            query(database, "SELECT count(*) FROM alarm_outbox WHERE done_at IS NULL") == [(0,)]
+        ),
+        10,
+        "outbox",
+    )
     assert query(database, "SELECT count(*), max(repeats) FROM tickets") == [(1, 2)]
-    enquiry = taker.post("/api/tickets", json={"category": "enquiry", "summary": "price of a new meter"}).json()
+    enquiry = taker.post(
+        "/api/tickets", json={"category": "enquiry", "summary": "price of a new meter"}
+    ).json()
     assert enquiry["ticket"]["on_site_due"] is None
     assert taker.post(f"/api/tickets/{enquiry['id']}/acknowledge").status_code == 200
-    assert taker.post(f"/api/tickets/{enquiry['id']}/resolve", json={"note": "answered"}).json()["status"] == "resolved"
+    assert (
+        taker.post(f"/api/tickets/{enquiry['id']}/resolve", json={"note": "answered"}).json()[
+            "status"
+        ]
+        == "resolved"
+    )
 
 
-def test_a_silenced_household_gets_test_tickets_that_are_never_dispatched(hotline: Hotline, database: str) -> None:
+def test_a_silenced_household_gets_test_tickets_that_are_never_dispatched(
+    hotline: Hotline, database: str
+) -> None:
     technician, dispatcher = hotline.client("technician"), hotline.client("dispatcher")
-    silence = technician.post("/api/silences", json={"household_id": "H-0003", "reason": "detector commissioning", "minutes": 30})
+    silence = technician.post(
+        "/api/silences",
+        json={"household_id": "H-0003", "reason": "detector commissioning", "minutes": 30},
+    )
     assert silence.status_code == 201
     raise_alarm(database, "D-0003", "gas_high", "critical")
     ticket = ticket_of(hotline, "H-0003", "gas_leak")
     assert ticket["test_mode"]
-    refused = dispatcher.post(f"/api/tickets/{ticket['id']}/dispatch", json={"department": "emergency repair"})
+    refused = dispatcher.post(
+        f"/api/tickets/{ticket['id']}/dispatch", json={"department": "emergency repair"}
+    )
     assert refused.status_code == 409 and "test ticket" in refused.json()["detail"]
-    assert query(database, "SELECT count(*) FROM valve_commands") == [(0,)], "a test never closes a valve"
+    assert query(database, "SELECT count(*) FROM valve_commands") == [(0,)], (
+        "a test never closes a valve"
+    )
     # lifted: the next household alarm is real again
     assert technician.delete(f"/api/silences/{silence.json()['id']}").status_code == 200
-    assert dispatcher.post(f"/api/tickets/{ticket['id']}/cancel", json={"reason": "test over"}).status_code == 200
+    assert (
+        dispatcher.post(
+            f"/api/tickets/{ticket['id']}/cancel", json={"reason": "test over"}
+        ).status_code
+        == 200
+    )
     raise_alarm(database, "M-0003", "burst", "critical")
     assert not ticket_of(hotline, "H-0003", "burst")["test_mode"]
     # a device in test mode in the registry, or a simulated test, is a test too
@@ -175,7 +264,16 @@ def test_bad_input_gets_a_clear_4xx(hotline: Hotline) -> None:
         ({"category": "enquiry"}, 422, "summary"),
         ({"category": "enquiry", "summary": "a\x00b"}, 422, "summary"),
         ({"category": "enquiry", "summary": "x", "household_id": "H-9999"}, 422, "H-9999"),
-        ({"category": "enquiry", "summary": "x", "household_id": "H-0001", "device_id": "M-0002"}, 422, "M-0002"),
+        (
+            {
+                "category": "enquiry",
+                "summary": "x",
+                "household_id": "H-0001",
+                "device_id": "M-0002",
+            },
+            422,
+            "M-0002",
+        ),
         ({"category": "enquiry", "summary": "x", "colour": "red"}, 422, "colour"),
     ]
     for body, status, named in cases:
@@ -196,7 +294,9 @@ def test_the_live_feed_announces_ticket_events(hotline: Hotline, database: str) 
 
     def listen() -> None:
         headers = {"Authorization": f"Bearer {hotline.token('engineer')}"}
-        with httpx.stream("GET", f"{hotline.url}/api/events", headers=headers, timeout=15) as stream:
+        with httpx.stream(
+            "GET", f"{hotline.url}/api/events", headers=headers, timeout=15
+        ) as stream:
             event = ""
             for line in stream.iter_lines():
                 if line.startswith("event: "):
@@ -214,6 +314,9 @@ def test_the_live_feed_announces_ticket_events(hotline: Hotline, database: str) 
     raise_alarm(database, "M-0005", "burst", "critical")
     thread.join(10)
     assert len(received) >= 2, received
-    assert received[0]["event"]["kind"] == "opened" and received[0]["ticket"]["household_id"] == "H-0005"
+    assert (
+        received[0]["event"]["kind"] == "opened"
+        and received[0]["ticket"]["household_id"] == "H-0005"
+    )
     assert received[0]["ticket"]["priority"] == "critical"
     assert time.monotonic() - started < 5

@@ -19,7 +19,9 @@ def outbox_drained(database: str) -> bool:
     return query(database, "SELECT count(*) FROM alarm_outbox WHERE done_at IS NULL") == [(0,)]
 
 
-def test_a_storm_becomes_one_incident_and_critical_alarms_stay_in_the_queue(database: str, tmp_path: Path) -> None:
+def test_a_storm_becomes_one_incident_and_critical_alarms_stay_in_the_queue(
+    database: str, tmp_path: Path
+) -> None:
     # district-1 holds H-0001..H-0008, district-2 H-0009..H-0016
     register(database, registry_csv(tmp_path / "r.csv", "GW-1", 16, 16, districts=2))
     with running_hotline(database, hotline_storm_tickets=4, hotline_storm_window_s=300) as hotline:
@@ -32,9 +34,15 @@ def test_a_storm_becomes_one_incident_and_critical_alarms_stay_in_the_queue(data
         incidents = [t for t in queue if t["is_incident"]]
         assert len(incidents) == 1, queue
         incident = incidents[0]
-        assert (incident["district"], incident["cause"], incident["households_under"]) == ("district-1", "gas_leak", 6)
+        assert (incident["district"], incident["cause"], incident["households_under"]) == (
+            "district-1",
+            "gas_leak",
+            6,
+        )
         households = sorted(t["household_id"] for t in queue if not t["is_incident"])
-        assert households == ["H-0009"], "district-1's household tickets are held under the incident"
+        assert households == ["H-0009"], (
+            "district-1's household tickets are held under the incident"
+        )
         held = dispatcher.get("/api/tickets", params={"include_held": True}).json()
         assert len([t for t in held if t["inhibited"]]) == 6
         # a critical alarm in the storm's district is never held back
@@ -55,7 +63,9 @@ def test_a_storm_becomes_one_incident_and_critical_alarms_stay_in_the_queue(data
         assert statuses[:6] == [(f"H-{i:04d}", "resolved") for i in range(1, 7)]
         assert statuses[6] == ("H-0007", "new"), "the critical one is worked on its own"
         assert query(database, "SELECT count(*) FROM incidents WHERE closed_at IS NULL") == [(0,)]
-        events = query(database, "SELECT kind, count(*) FROM ticket_events GROUP BY kind ORDER BY kind")
+        events = query(
+            database, "SELECT kind, count(*) FROM ticket_events GROUP BY kind ORDER BY kind"
+        )
         assert ("grouped", 7) in events and ("resolved_with_incident", 6) in events
 
 
@@ -68,24 +78,50 @@ def test_escalation_and_the_same_day_report(database: str, tmp_path: Path) -> No
         raise_alarm(database, "M-0002", "continuous_flow", "major")  # not critical: no re-notify
 
         def escalated_twice() -> bool:
-            rows = query(database, "SELECT escalation_level FROM tickets WHERE household_id = 'H-0001'")
+            rows = query(
+                database, "SELECT escalation_level FROM tickets WHERE household_id = 'H-0001'"
+            )
             return bool(rows) and rows[0][0] >= 2
 
         wait_for(escalated_twice, 10, "the critical ticket re-notified and escalated twice")
         dispatcher.post("/api/tickets/1/acknowledge")
         level = query(database, "SELECT escalation_level FROM tickets WHERE id = 1")[0][0]
         # a promise passes: on site within 30 minutes was not kept
-        query(database, "UPDATE tickets SET on_site_due = now() - interval '1 minute' WHERE id = 1 RETURNING id")
-        wait_for(lambda: query(database, "SELECT on_site_breached FROM tickets WHERE id = 1") == [(True,)], 10, "breach")
-        assert query(database, "SELECT escalation_level FROM tickets WHERE id = 1")[0][0] == level + 1
+        query(
+            database,
+            "UPDATE tickets SET on_site_due = now() - interval '1 minute' WHERE id = 1 RETURNING id",
+        )
+        wait_for(
+            lambda: (
+                query(database, "SELECT on_site_breached FROM tickets WHERE id = 1") == [(True,)]
+            ),
+            10,
+            "breach",
+        )
+        assert (
+            query(database, "SELECT escalation_level FROM tickets WHERE id = 1")[0][0] == level + 1
+        )
         complaint = hotline.client("call-taker").post("/api/tickets", json={
             "category": "complaint", "summary": "no one came", "household_id": "H-0003"}).json()  # fmt: skip
         report = hotline.client("engineer").get("/api/reports/today").json()
         assert [c["id"] for c in report["open_complaints"]] == [complaint["id"]]
-        assert [(b["ticket_id"], b["detail"]["promise"]) for b in report["breaches"]] == [(1, "on_site")]
-        assert {e["ticket_id"] for e in report["escalations"]} == {1}, "only the critical one re-notifies"
+        assert [(b["ticket_id"], b["detail"]["promise"]) for b in report["breaches"]] == [
+            (1, "on_site")
+        ]
+        assert {e["ticket_id"] for e in report["escalations"]} == {1}, (
+            "only the critical one re-notifies"
+        )
         figures = {f["category"]: f for f in report["by_category"]}
         assert figures["emergency_repair"]["breached"] == 1 and figures["complaint"]["open"] == 1
-        yesterday = hotline.client("engineer").get("/api/reports/today", params={"day": "2020-01-01"}).json()
+        yesterday = (
+            hotline.client("engineer")
+            .get("/api/reports/today", params={"day": "2020-01-01"})
+            .json()
+        )
         assert yesterday["breaches"] == [] and yesterday["escalations"] == []
-        assert hotline.client("engineer").get("/api/reports/today", params={"day": "yesterday"}).status_code == 422
+        assert (
+            hotline.client("engineer")
+            .get("/api/reports/today", params={"day": "yesterday"})
+            .status_code
+            == 422
+        )
