@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gasguard import __version__
 
@@ -28,7 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     register_gateway(commands)
     register_ingest(commands)
     register_hotline(commands)
+    up = commands.add_parser(
+        "up", help="run the whole chain on this machine (simulated building to console)"
+    )
+    up.add_argument("--port", type=int, default=8080, help="the console's port (default 8080)")
+    up.add_argument("--var", type=Path, default=Path("var"), help="folder for data and logs")
+    up.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    up.add_argument("--interval", default="5s", help="the gateway's poll interval")
+    up.set_defaults(handler=_up)
     return parser
+
+
+def _up(args: argparse.Namespace) -> int:
+    from gasguard.up import run
+
+    return run(args.var, args.port, args.speed, args.interval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
