@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from alerting import tickets
 from alerting.api.models import HealthOut
-from alerting.api.routes import admin, auth, households, live, pages, reports
+from alerting.api.routes import admin, alarms, auth, households, live, pages, reports
 from alerting.api.routes import tickets as ticket_routes
 from alerting.live import Feed
 from alerting.outbox import Policy
@@ -97,7 +97,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.crashed = []
     app.state.webhook = None
-    for module in (auth, ticket_routes, households, reports, admin, live, pages):
+    for module in (auth, ticket_routes, alarms, households, reports, admin, live, pages):
         app.include_router(module.router)
 
     @app.exception_handler(psycopg.errors.DataError)

@@ -37,7 +37,53 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     up.add_argument("--interval", default="5s", help="the gateway's poll interval")
     up.set_defaults(handler=_up)
+    selftest = commands.add_parser(
+        "selftest", help="test the whole chain with simulated devices in test mode (no crew sent)"
+    )
+    selftest.add_argument("--url", default="http://127.0.0.1:8080", help="the hotline")
+    selftest.add_argument("--user", required=True, help="a technician or admin of the hotline")
+    selftest.add_argument(
+        "--password-env",
+        metavar="VAR",
+        default="GASGUARD_SELFTEST_PASSWORD",
+        help="environment variable holding the password (default GASGUARD_SELFTEST_PASSWORD)",
+    )
+    selftest.add_argument(
+        "--control-port", type=int, required=True, help="the simulator's control port"
+    )
+    selftest.add_argument(
+        "--steps",
+        default="leak,burst",
+        help="comma-separated: leak, burst, silence (default leak,burst)",
+    )
+    selftest.add_argument("--devices", help="comma-separated device ids to use (default: chosen)")
+    selftest.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the tickets"
+    )
+    selftest.set_defaults(handler=_selftest)
     return parser
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    import os
+
+    from gasguard.selftest import SelftestError, main
+
+    password = os.environ.get(args.password_env, "")
+    if not password:
+        raise ValueError(f"set the password in the environment variable {args.password_env}")
+    try:
+        return main(
+            args.url,
+            args.user,
+            password,
+            control_port=args.control_port,
+            steps=[s.strip() for s in args.steps.split(",") if s.strip()],
+            devices=args.devices.split(",") if args.devices else None,
+            timeout=args.timeout,
+        )
+    except SelftestError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _up(args: argparse.Namespace) -> int:

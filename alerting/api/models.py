@@ -251,6 +251,21 @@ class ReportOut(BaseModel):
     by_category: list[CategoryFigures]
 
 
+class AlarmOut(BaseModel):
+    id: int
+    device_id: str
+    household_id: str
+    district: str
+    rule: str
+    severity: str
+    confidence: str
+    test_mode: bool
+    raised_at: datetime
+    cleared_at: datetime | None
+    raise_value: float | None
+    clear_value: float | None
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool
