@@ -20,16 +20,6 @@ from psycopg.rows import dict_row
 from alerting.auth import OWN_TICKETS_ONLY, User
 
 OPEN = ("new", "acknowledged", "dispatched", "on_site")
-PRIORITIES = ("critical", "high", "normal", "low")
-CATEGORIES = (
-    "emergency_repair",
-    "inspection",
-    "complaint",
-    "enquiry",
-    "installation",
-    "engineering",
-    "chasing",
-)
 # action -> (states it starts from, state it leads to, timestamp column it sets)
 TRANSITIONS: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "acknowledge": (("new",), "acknowledged", "acknowledged_at"),

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = ROOT / "deploy" / "mosquitto" / "gasguard.conf"
@@ -26,6 +28,22 @@ MOSQUITTO_CONF = ROOT / "deploy" / "mosquitto" / "gasguard.conf"
 
 class LocalServiceError(RuntimeError):
     """A private service could not be started; the message says what to do."""
+
+
+def stop_process(
+    process: subprocess.Popen[Any], grace_s: float = 15.0, first: int = signal.SIGTERM
+) -> None:
+    """Ask a process to stop (``first`` signal), wait ``grace_s``, then terminate and kill."""
+    if process.poll() is not None:
+        return
+    process.send_signal(first)
+    for step in (process.terminate, process.kill):
+        try:
+            process.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            step()
+    process.wait()
 
 
 def free_port() -> int:
@@ -52,14 +70,8 @@ class LocalService:
     notes: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -34,6 +34,7 @@ from gasguard.local_services import (
     port_open,
     start_mosquitto,
     start_postgres,
+    stop_process,
 )
 from gasguard.settings import CommonSettings
 
@@ -52,18 +53,7 @@ class Child:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)  # the services stop cleanly on Ctrl-C
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, first=signal.SIGINT)  # the services stop cleanly on Ctrl-C
 
 
 def say(what: str, detail: str) -> None:

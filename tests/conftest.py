@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import pytest
 
+from gasguard.local_services import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 MOSQUITTO_CONF = ROOT / "deploy" / "mosquitto" / "gasguard.conf"
@@ -94,13 +96,8 @@ class Broker:
 
     def stop(self) -> None:
         """A clean shutdown (mosquitto saves its persistent sessions)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace_s=10)
         self.process = None
 
 

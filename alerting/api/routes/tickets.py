@@ -128,67 +128,37 @@ async def _act(
     return await _summary(conn, ticket_id)
 
 
-@router.post("/{ticket_id}/acknowledge", response_model=TicketOut, responses=ERRORS)
-async def acknowledge(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.acknowledge"))],
-    body: ActionIn | None = None,
-) -> dict[str, Any]:
-    """Take the ticket: a system ticket becomes the acknowledging person's."""
-    return await _act(conn, ticket_id, "acknowledge", user, body)
+# the life-cycle steps: (path, action, what it does); each needs the permission tickets.<action>
+STEPS = (
+    ("acknowledge", "acknowledge", "Take the ticket: a system ticket becomes the person's."),
+    ("dispatch", "dispatch",
+     "Send the work to a department (and crew); needs `department`. A test ticket is never "
+     "dispatched."),
+    ("on-site", "on_site", "The crew is on site."),
+    ("resolve", "resolve", "Resolved (an emergency repair only after a crew was on site)."),
+    ("close", "close", "Close a resolved ticket."),
+    ("cancel", "cancel", "Cancel with a `reason` (required)."),
+)  # fmt: skip
 
 
-@router.post("/{ticket_id}/dispatch", response_model=TicketOut, responses=ERRORS)
-async def dispatch(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.dispatch"))],
-    body: ActionIn,
-) -> dict[str, Any]:
-    """Send the work to a department (and crew). A test ticket is never dispatched."""
-    return await _act(conn, ticket_id, "dispatch", user, body)
+def _step_route(path: str, action: str, doc: str) -> None:
+    allowed = Depends(need(f"tickets.{action}"))  # a default: annotations here are strings
+
+    async def step(
+        ticket_id: TicketId,
+        conn: Conn,
+        body: ActionIn | None = None,
+        user: User = allowed,
+    ) -> dict[str, Any]:
+        return await _act(conn, ticket_id, action, user, body)
+
+    step.__doc__ = doc
+    router.post(f"/{{ticket_id}}/{path}", response_model=TicketOut, responses=ERRORS,
+                name=action, operation_id=f"ticket_{action}")(step)  # fmt: skip
 
 
-@router.post("/{ticket_id}/on-site", response_model=TicketOut, responses=ERRORS)
-async def on_site(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.on_site"))],
-    body: ActionIn | None = None,
-) -> dict[str, Any]:
-    return await _act(conn, ticket_id, "on_site", user, body)
-
-
-@router.post("/{ticket_id}/resolve", response_model=TicketOut, responses=ERRORS)
-async def resolve(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.resolve"))],
-    body: ActionIn | None = None,
-) -> dict[str, Any]:
-    return await _act(conn, ticket_id, "resolve", user, body)
-
-
-@router.post("/{ticket_id}/close", response_model=TicketOut, responses=ERRORS)
-async def close(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.close"))],
-    body: ActionIn | None = None,
-) -> dict[str, Any]:
-    return await _act(conn, ticket_id, "close", user, body)
-
-
-@router.post("/{ticket_id}/cancel", response_model=TicketOut, responses=ERRORS)
-async def cancel(
-    ticket_id: TicketId,
-    conn: Conn,
-    user: Annotated[User, Depends(need("tickets.cancel"))],
-    body: ActionIn,
-) -> dict[str, Any]:
-    """Cancel with a reason (required)."""
-    return await _act(conn, ticket_id, "cancel", user, body)
+for _path, _action, _doc in STEPS:
+    _step_route(_path, _action, _doc)
 
 
 @router.post("/{ticket_id}/notes", response_model=TicketOut, responses=ERRORS)
