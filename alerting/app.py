@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 
 from alerting import tickets
@@ -99,6 +100,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
     app.state.webhook = None
     for module in (auth, ticket_routes, alarms, households, reports, admin, live, pages):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
 
     @app.exception_handler(psycopg.errors.DataError)
     async def bad_data(_request: Request, exc: psycopg.errors.DataError) -> JSONResponse:

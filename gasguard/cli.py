@@ -18,6 +18,7 @@ from gasguard import __version__
 def build_parser() -> argparse.ArgumentParser:
     from alerting.cli import register as register_hotline
     from firmware_sim.cli import register as register_sim
+    from gasguard.grafana import register as register_grafana
     from gateway.cli import register as register_gateway
     from ingest.cli import register as register_ingest
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_gateway(commands)
     register_ingest(commands)
     register_hotline(commands)
+    register_grafana(commands)
     up = commands.add_parser(
         "up", help="run the whole chain on this machine (simulated building to console)"
     )
