@@ -56,8 +56,10 @@ class Health:
     def start(self) -> None:
         port = self.settings.ingest_metrics_port
         if port:
-            self._server = start_http_server(port, addr="127.0.0.1", registry=self.registry)
-            log.info("metrics on http://127.0.0.1:%d/metrics", port)
+            self._server = start_http_server(
+                port, addr=self.settings.ingest_metrics_host, registry=self.registry
+            )
+            log.info("metrics on http://%s:%d/metrics", self.settings.ingest_metrics_host, port)
 
     def stop(self) -> None:
         server = self._server

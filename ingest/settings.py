@@ -17,6 +17,7 @@ class IngestSettings(CommonSettings):
     ingest_max_wait_ms: int = Field(50, ge=0, le=60_000)
     ingest_receive_maximum: int = Field(2000, ge=1, le=65535)
     ingest_metrics_port: int = Field(9109, ge=0, le=65535)
+    ingest_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container
     ingest_health_every_s: float = Field(5.0, gt=0)
     ingest_state_every_s: float = Field(10.0, gt=0)
     ingest_silence_every_s: float = Field(10.0, gt=0)
