@@ -41,9 +41,9 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
         await pool.open()
         app.state.pool = pool
 
-        async def describe(ticket_id: int) -> dict[str, Any] | None:
+        async def describe(ticket_ids: list[int]) -> dict[int, dict[str, Any]]:
             async with pool.connection() as conn:
-                return await tickets.summary(conn, ticket_id)
+                return await tickets.summaries(conn, ticket_ids)
 
         tasks: list[asyncio.Task[None]] = []
 

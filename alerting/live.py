@@ -6,6 +6,11 @@ instance hands them out: outbox wake-ups to the worker that takes the outbox, ti
 Because the announcement comes from the database, a change made through any instance, or
 by ingest, reaches the consoles of every instance. A console that cannot keep up loses its
 place (its queue is bounded) and is told to reload, rather than slowing the others.
+
+The listening loop never waits on the database: it hands ticket events to a publisher task,
+which reads the summaries of everything that arrived meanwhile in one query and sends the
+events in their order. A burst of events (an outbox batch commits hundreds at once) costs one
+summary query, not one per event, and never delays the outbox wake-ups.
 """
 
 from __future__ import annotations
@@ -49,12 +54,14 @@ class Feed:
     def __init__(
         self,
         dsn: str,
-        describe: Callable[[int], Awaitable[dict[str, Any] | None]],
+        describe: Callable[[list[int]], Awaitable[dict[int, dict[str, Any]]]],
         outbox_wake: asyncio.Event | None = None,
         queue_size: int = 1000,
     ) -> None:
         self._dsn = dsn
-        self._describe = describe  # ticket id -> its summary
+        self._describe = describe  # ticket ids -> their summaries
+        self._pending: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
         self._outbox_wake = outbox_wake
         self._queue_size = queue_size
         self._subscribers: set[Subscription] = set()
@@ -74,6 +81,15 @@ class Feed:
         return len(self._subscribers)
 
     async def run(self) -> None:
+        publisher = asyncio.create_task(self._publish(), name="live-feed-publisher")
+        try:
+            await self._listen()
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+
+    async def _listen(self) -> None:
         backoff = Backoff(base=0.2, cap=10.0)
         failing = False
         while True:
@@ -92,7 +108,7 @@ class Feed:
                     if self._outbox_wake is not None:
                         self._outbox_wake.set()
                     async for note in conn.notifies():
-                        await self._handle(note.channel, note.payload)
+                        self._handle(note.channel, note.payload)
             except psycopg.OperationalError as exc:
                 self.listening.clear()
                 if not failing:
@@ -100,17 +116,32 @@ class Feed:
                     failing = True
                 await asyncio.sleep(backoff.next())
 
-    async def _handle(self, channel: str, payload: str) -> None:
+    def _handle(self, channel: str, payload: str) -> None:
         if channel == OUTBOX_CHANNEL:
             if self._outbox_wake is not None:
                 self._outbox_wake.set()
             return
-        event = orjson.loads(payload)
         self.events += 1
-        if not self._subscribers:
-            return
-        ticket = await self._describe(int(event["ticket"]))
-        self._broadcast({"event": event, "ticket": ticket})
+        if self._subscribers:
+            self._pending.append(orjson.loads(payload))
+            self._arrived.set()
+
+    async def _publish(self) -> None:
+        backoff = Backoff(base=0.2, cap=10.0)
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            events, self._pending = self._pending, []
+            try:
+                tickets = await self._describe(sorted({int(e["ticket"]) for e in events}))
+            except psycopg.OperationalError as exc:
+                log.error("live feed: cannot read ticket summaries: %s", exc)
+                self._broadcast(RESYNC)  # the consoles reload once the database is back
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            for event in events:
+                self._broadcast({"event": event, "ticket": tickets.get(int(event["ticket"]))})
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for sub in list(self._subscribers):

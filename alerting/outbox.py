@@ -66,9 +66,12 @@ async def take_outbox(
     policy = policy or Policy()
     taken = Taken()
     async with conn.transaction(), conn.cursor() as cur:
+        # critical alarms first (a raise and its clear share a severity, so each alarm's own
+        # events keep their order); then the rest in the order ingest wrote them
         await cur.execute(
             "SELECT id, alarm_id, event, payload FROM alarm_outbox WHERE done_at IS NULL "
-            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            "ORDER BY (payload->>'severity' = 'critical') IS NOT TRUE, id "
+            "LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
         rows = await cur.fetchall()
@@ -110,6 +113,24 @@ async def _apply(
     )
     household = payload.get("household")
     detail = orjson.dumps(payload).decode()
+    if event == "cleared":  # half the traffic: one statement
+        await cur.execute(
+            """
+            WITH open AS (
+                SELECT id FROM tickets WHERE household_id = %(h)s AND cause = %(cause)s
+                  AND status NOT IN ('resolved', 'closed', 'cancelled') FOR UPDATE
+            ), touched AS (
+                UPDATE tickets t SET updated_at = now() FROM open WHERE t.id = open.id
+                RETURNING t.id
+            )
+            INSERT INTO ticket_events (ticket_id, actor, kind, alarm_id, outbox_id, detail)
+            SELECT id, %(actor)s, 'alarm_cleared', %(alarm)s, %(outbox)s, %(detail)s
+            FROM touched
+            """,
+            {"h": household, "cause": cause, "actor": SYSTEM_OWNER, "alarm": alarm_id,
+             "outbox": outbox_id, "detail": detail},
+        )  # fmt: skip
+        return False
     await cur.execute(
         "SELECT id FROM tickets WHERE household_id = %s AND cause = %s "
         "AND status NOT IN ('resolved', 'closed', 'cancelled') FOR UPDATE",
@@ -295,15 +316,13 @@ async def _group_storm(
         )
         attached = [ticket_id]
     await cur.execute(
-        "UPDATE incidents SET households = (SELECT count(*) FROM tickets WHERE incident_id = %s "
-        "AND NOT is_incident) WHERE id = %s",
-        (incident_id, incident_id),
+        "UPDATE incidents SET households = households + %s WHERE id = %s",
+        (len(attached), incident_id),
     )
     await cur.execute(
-        "UPDATE tickets SET updated_at = now(), repeats = (SELECT count(*) FROM tickets c "
-        "WHERE c.incident_id = %s AND NOT c.is_incident) WHERE incident_id = %s AND is_incident "
-        "RETURNING id",
-        (incident_id, incident_id),
+        "UPDATE tickets SET updated_at = now(), repeats = repeats + %s "
+        "WHERE incident_id = %s AND is_incident RETURNING id",
+        (len(attached), incident_id),
     )
     incident_ticket_row = await cur.fetchone()
     grouped = orjson.dumps(

@@ -99,6 +99,14 @@ async def summary(conn: psycopg.AsyncConnection[Any], ticket_id: int) -> dict[st
     return None if row is None else jsonable(row)
 
 
+async def summaries(
+    conn: psycopg.AsyncConnection[Any], ticket_ids: list[int]
+) -> dict[int, dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(f"{SUMMARY} WHERE t.id = ANY(%s)".encode(), (ticket_ids,))
+        return {int(r["id"]): jsonable(r) for r in await cur.fetchall()}
+
+
 async def detail(conn: psycopg.AsyncConnection[Any], ticket_id: int) -> dict[str, Any]:
     """A ticket's page: the summary, its history, its valve commands and its household."""
     ticket = await summary(conn, ticket_id)

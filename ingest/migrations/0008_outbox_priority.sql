@@ -1,0 +1,4 @@
+-- The hotline takes critical alarms first (a burst or a high gas level must not wait behind a
+-- backlog of minor alarms): the pending outbox in that order.
+CREATE INDEX alarm_outbox_pending_critical ON alarm_outbox
+    ((((payload->>'severity') = 'critical') IS NOT TRUE), id) WHERE done_at IS NULL;
