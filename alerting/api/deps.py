@@ -29,7 +29,10 @@ async def connection(request: Request) -> AsyncIterator[psycopg.AsyncConnection[
         yield conn
 
 
-Conn = Annotated[psycopg.AsyncConnection[Any], Depends(connection)]
+# scope="function": the transaction commits when the route returns, before the response goes
+# out, so a client that got its answer finds the change in the database (the default scope
+# would commit only after the response was sent)
+Conn = Annotated[psycopg.AsyncConnection[Any], Depends(connection, scope="function")]
 
 
 async def current_user(

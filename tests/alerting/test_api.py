@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import psycopg
 import pytest
 
 from tests.alerting.harness import Hotline, running_hotline
@@ -320,3 +321,28 @@ def test_the_live_feed_announces_ticket_events(hotline: Hotline, database: str) 
     )
     assert received[0]["ticket"]["priority"] == "critical"
     assert time.monotonic() - started < 5
+
+
+def test_a_change_is_committed_before_the_answer(hotline: Hotline, database: str) -> None:
+    """Regression: the request's transaction committed only after the response had gone out,
+    so a client could read its own change as missing (seen under load)."""
+    taker = hotline.client("call-taker")
+    ticket = taker.post("/api/tickets", json={"category": "enquiry", "summary": "x"}).json()["id"]
+    missing: list[str] = []
+
+    def client(n: int) -> None:
+        own = hotline.client("call-taker")
+        with psycopg.connect(database, autocommit=True) as conn:
+            for i in range(40):
+                text = f"note {n}-{i}"
+                assert own.post(f"/api/tickets/{ticket}/notes", json={"text": text}).status_code == 200
+                found = conn.execute("SELECT count(*) FROM ticket_events WHERE detail->>'text' = %s", (text,)).fetchone()
+                if found != (1,):
+                    missing.append(text)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not missing, f"answered but not yet committed: {missing[:5]} ({len(missing)} in all)"
