@@ -174,6 +174,7 @@ async function signedIn(me) {
   $("#console").hidden = false;
   $("#logout").hidden = false;
   connectLive();
+  document.dispatchEvent(new CustomEvent("gasguard:signed-in", { detail: me }));  // calls.js
 }
 
 function signedOut(why) {
@@ -184,6 +185,7 @@ function signedOut(why) {
   $("#logout").hidden = true;
   $("#whoami").textContent = "";
   $("#login").hidden = false;
+  document.dispatchEvent(new CustomEvent("gasguard:signed-out"));
   if (why) say(why, "error");
   $("#login-username").focus();
 }
