@@ -66,12 +66,15 @@ async def take_outbox(
     policy = policy or Policy()
     taken = Taken()
     async with conn.transaction(), conn.cursor() as cur:
-        # critical alarms first (a raise and its clear share a severity, so each alarm's own
-        # events keep their order); then the rest in the order ingest wrote them
+        # critical alarms first, then the rest in the order ingest wrote them. An alarm's own
+        # events keep their order: a row waits while an earlier row of its alarm is pending
+        # (perhaps locked by another instance right now).
         await cur.execute(
-            "SELECT id, alarm_id, event, payload FROM alarm_outbox WHERE done_at IS NULL "
-            "ORDER BY (payload->>'severity' = 'critical') IS NOT TRUE, id "
-            "LIMIT %s FOR UPDATE SKIP LOCKED",
+            "SELECT o.id, o.alarm_id, o.event, o.payload FROM alarm_outbox o "
+            "WHERE o.done_at IS NULL AND NOT EXISTS (SELECT 1 FROM alarm_outbox p "
+            "WHERE p.alarm_id = o.alarm_id AND p.id < o.id AND p.done_at IS NULL) "
+            "ORDER BY (o.payload->>'severity' = 'critical') IS NOT TRUE, o.id "
+            "LIMIT %s FOR UPDATE OF o SKIP LOCKED",
             (limit,),
         )
         rows = await cur.fetchall()

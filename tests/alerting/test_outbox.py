@@ -69,3 +69,38 @@ def test_each_outbox_row_has_its_effect_once_with_two_instances(
     assert all(t[1:5] == ("emergency_repair", "critical", 1, True) for t in gas), gas[:2]
     assert events == (120, 120) and pending == (0,)
     assert str(gas[0][5]) == "4:00:00", "promise from the published service-time table"
+
+
+def test_an_alarms_clear_is_never_applied_before_its_raise_by_another_instance(
+    database: str, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-1", 30, 0))
+    with psycopg.connect(database, autocommit=True) as conn:
+        for i in range(1, 31):  # each alarm's clear right behind its raise
+            alarm(conn, f"D-{i:04d}", f"H-{i:04d}", "gas_low", "major")
+            alarm_id, payload = conn.execute("SELECT alarm_id, payload FROM alarm_outbox ORDER BY id DESC LIMIT 1").fetchone()  # type: ignore[misc]
+            conn.execute("INSERT INTO alarm_outbox (alarm_id, event, payload) VALUES (%s, 'cleared', %s)",
+                         (alarm_id, psycopg.types.json.Jsonb(payload)))  # fmt: skip
+
+    async def worker() -> int:
+        total = 0
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            idle = 0
+            while idle < 20:  # the other instance may still hold the raise a clear waits for
+                taken = await take_outbox(conn, limit=1, policy=Policy(valve_rules=()))
+                total += taken.rows
+                idle = 0 if taken.rows else idle + 1
+                await asyncio.sleep(0 if taken.rows else 0.01)
+        return total
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(worker(), worker()))
+
+    assert sum(asyncio.run(both())) == 60
+    with psycopg.connect(database) as conn:
+        kinds = conn.execute(
+            "SELECT t.household_id, array_agg(e.kind ORDER BY e.id) FROM tickets t "
+            "JOIN ticket_events e ON e.ticket_id = t.id GROUP BY t.household_id"
+        ).fetchall()
+    assert len(kinds) == 30
+    assert all(k == ["opened", "alarm_cleared"] for _, k in kinds), [k for k in kinds if k[1] != ["opened", "alarm_cleared"]]
