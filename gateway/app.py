@@ -19,7 +19,7 @@ from gateway.batcher import Batcher
 from gateway.commands import CommandHandler
 from gateway.config import Device, GatewayConfig, MqttDevice, SerialDevice, TcpDevice
 from gateway.forwarder import Forwarder
-from gateway.links import ModbusLink, PymodbusLink, serial_link, tcp_link
+from gateway.links import ModbusLink, serial_link, tcp_link
 from gateway.metrics import MetricsServer
 from gateway.mqtt_devices import MqttDeviceSource
 from gateway.poller import DevicePoller, PollSettings, Reading
@@ -47,9 +47,9 @@ def poll_settings(config: GatewayConfig, device: Device) -> PollSettings:
     )
 
 
-def build_links(config: GatewayConfig) -> dict[str, PymodbusLink]:
+def build_links(config: GatewayConfig) -> dict[str, ModbusLink]:
     """One link per physical connection, with the longest timeout of its devices."""
-    links: dict[str, PymodbusLink] = {}
+    links: dict[str, ModbusLink] = {}
     longest: dict[str, float] = {}
     for d in config.devices:
         if not isinstance(d, MqttDevice):
@@ -64,7 +64,12 @@ def build_links(config: GatewayConfig) -> dict[str, PymodbusLink]:
         if isinstance(d, TcpDevice):
             rtu = d.transport == "rtu-over-tcp"
             links[d.link_key] = tcp_link(
-                d.host, d.port, timeout, rtu_framing=rtu, frame_gap_s=gap if rtu else 0.0
+                d.host,
+                d.port,
+                timeout,
+                rtu_framing=rtu,
+                frame_gap_s=gap if rtu else 0.0,
+                client=config.polling.tcp_client,
             )
         elif isinstance(d, SerialDevice):
             links[d.link_key] = serial_link(
@@ -124,7 +129,7 @@ class Gateway:
             max_delay_ms=c.batching.max_delay_ms,
             on_spooled=self.forwarder.wake,
         )
-        self.links: dict[str, ModbusLink] = dict(build_links(c))
+        self.links: dict[str, ModbusLink] = build_links(c)
         self.pollers: dict[str, DevicePoller] = {}
         mqtt_devices = []
         for d in c.devices:

@@ -12,6 +12,7 @@ the device and the field.
     [polling]                 # defaults for every device
     interval = "10s"
     timeout = "1s"
+    # tcp_client = "pymodbus" # Modbus TCP through pymodbus instead of the built-in client
 
     [[devices]]
     id = "D-0001"
@@ -76,6 +77,9 @@ class PollingDefaults(_Model):
     retry_cap: Duration = 60.0
     frame_gap_ms: float = Field(
         5.0, ge=0, le=1000, description="pause between frames on a serial bus"
+    )
+    tcp_client: Literal["builtin", "pymodbus"] = Field(
+        "builtin", description="Modbus TCP client (RTU always goes through pymodbus)"
     )
 
 

@@ -2,6 +2,10 @@
 own requests. Devices on different links are polled concurrently; devices on one link take
 turns, and a serial bus leaves a gap between frames.
 
+Modbus TCP goes through the built-in client (:mod:`gateway.modbus_tcp`); RTU (a serial bus,
+or RTU frames through a TCP converter) through pymodbus, which is also the TCP fallback
+(``tcp_client="pymodbus"``).
+
 A link (re)connects itself on the next request after a failure, however long the other end
 was gone: pymodbus's own reconnect is switched off so there is one policy, here. A timed-out
 request drops the connection, so a late answer can never be taken for the next request's.
@@ -13,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -21,24 +25,12 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
 
 from gasguard.profiles import Table
+from gateway.modbus_errors import BadAnswerError, DeviceRefusedError, LinkError, NoAnswerError
+from gateway.modbus_tcp import TcpLink
 
 log = logging.getLogger(__name__)
 
-
-class LinkError(Exception):
-    """A request got no usable answer."""
-
-
-class NoAnswerError(LinkError):
-    """Timeout, connection refused or dropped: the device (or its link) is not answering."""
-
-
-class DeviceRefusedError(LinkError):
-    """The device answered with a Modbus exception code."""
-
-    def __init__(self, code: int, what: str) -> None:
-        super().__init__(f"{what}: Modbus exception {code}")
-        self.code = code
+TcpClient = Literal["builtin", "pymodbus"]
 
 
 class ModbusLink(Protocol):
@@ -160,9 +152,22 @@ class PymodbusLink:
 
 
 def tcp_link(
-    host: str, port: int, timeout: float, rtu_framing: bool = False, frame_gap_s: float = 0.0
-) -> PymodbusLink:
-    """``timeout``: the longest any device on this link may take (each request has its own)."""
+    host: str,
+    port: int,
+    timeout: float,
+    rtu_framing: bool = False,
+    frame_gap_s: float = 0.0,
+    *,
+    client: TcpClient = "builtin",
+) -> ModbusLink:
+    """A Modbus TCP link (RTU frames over TCP with ``rtu_framing``: always pymodbus).
+
+    ``timeout``: the longest any device on this link may take, pymodbus's own transaction
+    timeout (each request has its own, which the built-in client alone goes by);
+    ``frame_gap_s``: a pause between frames (an RTU bus behind the converter).
+    """
+    if client == "builtin" and not rtu_framing and not frame_gap_s:
+        return TcpLink(host, port)
     framer = FramerType.RTU if rtu_framing else FramerType.SOCKET
 
     def factory() -> AsyncModbusTcpClient:
@@ -197,3 +202,16 @@ def serial_link(
         )
 
     return PymodbusLink(f"rtu://{port}", factory, frame_gap_s)
+
+
+__all__ = [
+    "BadAnswerError",
+    "DeviceRefusedError",
+    "LinkError",
+    "ModbusLink",
+    "NoAnswerError",
+    "PymodbusLink",
+    "TcpClient",
+    "serial_link",
+    "tcp_link",
+]

@@ -24,7 +24,15 @@ from typing import Literal
 
 from gasguard.backoff import Backoff
 from gasguard.fields import COMM_LOST, Kind
-from gasguard.profiles import Profile, RegisterMap, Table, encode_point
+from gasguard.profiles import (
+    FLAG_TYPES,
+    Point,
+    PointType,
+    Profile,
+    RegisterMap,
+    Table,
+    encode_point,
+)
 from gateway.links import LinkError, ModbusLink
 
 log = logging.getLogger(__name__)
@@ -89,6 +97,7 @@ class DevicePoller:
             for s, c in self._map.read_blocks(t)
         ]
         self._fields = tuple(p.name for p in self.profile.points)
+        self._may_be_nonfinite = tuple(p.name for p in self.profile.points if _may_be_nonfinite(p))
         self._failures_in_row = 0
         self._backoff = Backoff(
             base=max(self.settings.interval, 0.5),
@@ -108,7 +117,7 @@ class DevicePoller:
         for table, start, count, decode in self._blocks:
             regs = await self.link.read(self.unit, table, start, count, timeout)
             values.update(decode(regs))
-        bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        bad = [k for k in self._may_be_nonfinite if not math.isfinite(values[k])]
         if bad:
             raise LinkError(f"{self.device_id}: non-finite value in {', '.join(bad)}")
         return values
@@ -213,6 +222,15 @@ class DevicePoller:
         self._last_report = self.clock()
         self.stats.reports += 1
         self.sink(Reading(self.device_id, self.kind, self._now_ms(), self._fields, values), urgent)
+
+
+def _may_be_nonfinite(point: Point) -> bool:
+    """An f32 may hold NaN or infinity; a scaled integer only with an absurd scale."""
+    if point.type is PointType.F32:
+        return True
+    if point.type in FLAG_TYPES:
+        return False
+    return not math.isfinite(abs(point.scale) * 2.0**32 + abs(point.offset))
 
 
 def lost_values(reading: Reading) -> dict[str, Value]:
