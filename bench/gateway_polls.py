@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from gasguard.fields import Kind  # noqa: E402
 from gasguard.profiles import builtin_profile  # noqa: E402
+from gasguard.runner import run  # noqa: E402
 from gateway.links import TcpClient, tcp_link  # noqa: E402
 from gateway.poller import DevicePoller, PollSettings  # noqa: E402
 
@@ -232,11 +233,12 @@ def main() -> None:
     procs, endpoints = start_sims(args.devices, args.sim_processes)
     meter = CpuMeter(procs)
     try:
-        base = asyncio.run(sequential(endpoints, args.seconds, meter))
-        gw = asyncio.run(concurrent(endpoints, args.seconds, meter, "builtin"))
+        # as `gasguard gateway run` runs: on uvloop when installed (gasguard.runner)
+        base = run(sequential(endpoints, args.seconds, meter))
+        gw = run(concurrent(endpoints, args.seconds, meter, "builtin"))
         old = None
         if not args.no_pymodbus:
-            old = asyncio.run(concurrent(endpoints, args.seconds, meter, "pymodbus"))
+            old = run(concurrent(endpoints, args.seconds, meter, "pymodbus"))
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)

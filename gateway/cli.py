@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gasguard.runner import run
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gw = commands.add_parser("gateway", help="the edge gateway: poll devices, forward over MQTT")
@@ -46,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         await gateway.run(stop)
 
     try:
-        asyncio.run(main())
+        run(main())  # on uvloop when installed
     except GatewayCrashError as exc:  # logged with its traceback; the supervisor restarts us
         print(f"gateway stopped after a failure: {exc}", file=sys.stderr)
         return 1
