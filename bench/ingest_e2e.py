@@ -345,6 +345,7 @@ def consumer_main(
     )
     try:
         import ingest.consumer
+        from gasguard.runner import run
         from ingest.consumer import Ingest
         from ingest.settings import IngestSettings
 
@@ -460,7 +461,7 @@ def consumer_main(
                 "state_bytes": ingest.detection.detectors.nbytes + ingest.detection.meters.nbytes,
             }
 
-        result = asyncio.run(main())
+        result = run(main())  # as `gasguard ingest run`: on uvloop when installed
         result["vmhwm_kb"] = status_kb("VmHWM")
         result["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out.put(result)

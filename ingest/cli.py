@@ -7,6 +7,8 @@ import asyncio
 import signal
 from pathlib import Path
 
+from gasguard.runner import run
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = commands.add_parser("db", help="the database: migrations")
@@ -101,6 +103,6 @@ def _run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
 
-    asyncio.run(main())
+    run(main())  # on uvloop when installed
     print("ingest stopped.")
     return 0
