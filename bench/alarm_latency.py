@@ -457,7 +457,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--households", type=int, default=5000, help="a detector and a meter each")
     parser.add_argument("--districts", type=int, default=50)
-    parser.add_argument("--rate", type=float, default=200.0, help="background outbox rows/s")
+    # 100 rows/s: each of the 10,000 devices raises and clears an alarm every 200 s, far above
+    # a real fleet; near 200/s the hotline on this 2-core machine no longer keeps up (its
+    # backlog grows, and critical alarms, taken first, still wait for the batch in hand)
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="background outbox rows/s (default 100)"
+    )
     parser.add_argument("--commit-ms", type=float, default=50.0, help="background transactions")
     parser.add_argument("--hold", type=float, default=10.0, help="mean s an alarm stays raised")
     parser.add_argument("--probe-interval", type=float, default=0.1, help="s between probes")
