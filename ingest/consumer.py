@@ -35,10 +35,11 @@ from ingest.writer import (
     DeadLetter,
     claim_batches,
     copy_readings,
+    fold_rollups,
     load_state,
-    merge_rollups,
     raise_confidence,
     save_state,
+    stage_rollups,
     write_alarms,
     write_dead_letters,
 )
@@ -306,7 +307,7 @@ class Ingest:
                         columns = _concat(group)
                         self.health.readings.inc(await copy_readings(cur, kind, columns))
                         if self.mode == "stock":
-                            await merge_rollups(cur, kind, columns)
+                            await stage_rollups(cur, kind, columns)
                     changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
                 outcome = await write_alarms(cur, changes)
                 await raise_confidence(cur, outcome.raised_households)
@@ -345,6 +346,14 @@ class Ingest:
             await self.partitions.ensure_ahead(conn)
             await self.partitions.drop_older_than(conn, self.settings.ingest_retention_days)
 
+    async def fold_rollups(self) -> None:
+        """Merge the staged rollup deltas into the hourly rollups (stock PostgreSQL)."""
+        if self.mode != "stock":
+            return
+        async with self._db_lock:
+            conn = await self._db()
+            await fold_rollups(conn)
+
     async def refresh_registry(self) -> None:
         async with self._db_lock:
             conn = await self._db()
@@ -376,6 +385,9 @@ class Ingest:
             ),
             asyncio.create_task(
                 self._every(self.settings.ingest_registry_every_s, self.refresh_registry, stop)
+            ),
+            asyncio.create_task(
+                self._every(self.settings.ingest_fold_every_s, self.fold_rollups, stop)
             ),
             asyncio.create_task(
                 self._every(self.settings.ingest_health_every_s, self._write_health, stop)
@@ -431,6 +443,8 @@ class Ingest:
                             await save_state(
                                 cur, self.settings.shard_name, kind, self.detection.arrays(kind)
                             )
+                    if self.mode == "stock":  # the rollups catch up before we go
+                        await fold_rollups(self._conn)
                 await self._conn.close()
             self.health.stop()
 

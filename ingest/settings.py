@@ -22,6 +22,7 @@ class IngestSettings(CommonSettings):
     ingest_state_every_s: float = Field(10.0, gt=0)
     ingest_silence_every_s: float = Field(10.0, gt=0)
     ingest_rollup_every_s: float = Field(60.0, gt=0)
+    ingest_fold_every_s: float = Field(2.0, gt=0)  # staged rollups into the hourly ones
     ingest_registry_every_s: float = Field(30.0, gt=0)
     ingest_retention_days: int = Field(400, ge=1)
     ingest_utc_offset_hours: float = Field(8.0, ge=-12, le=14)

@@ -141,43 +141,78 @@ def _groups(
     return order, starts, k[starts], h[starts]
 
 
-def _reduce(
-    values: np.ndarray, order: np.ndarray, starts: np.ndarray, how: str
-) -> list[float | None]:
-    """Per group min or max ignoring NaN; None where a group has no value."""
-    v = values[order].astype(np.float64)
-    fill = np.inf if how == "min" else -np.inf
-    clean = np.where(np.isnan(v), fill, v)
-    out = (np.minimum if how == "min" else np.maximum).reduceat(clean, starts)
-    return [None if not np.isfinite(x) else float(x) for x in out.tolist()]
-
-
-async def merge_rollups(
+async def stage_rollups(
     cur: psycopg.AsyncCursor[Any], kind: Kind, columns: dict[str, np.ndarray]
 ) -> None:
-    """Fold one micro-batch's readings into the hourly rollups (stock PostgreSQL; TimescaleDB
-    keeps its continuous aggregates itself). Lost readings carry no values and do not count."""
+    """Append one micro-batch's per-(device, hour) figures to the rollup deltas, in the
+    transaction that stores its readings; :func:`fold_rollups` merges them into the hourly
+    rollups (stock PostgreSQL; TimescaleDB keeps its continuous aggregates itself). Lost
+    readings carry no values and do not count."""
     keep = ~np.asarray(columns.get(COMM_LOST, np.zeros(len(columns["ts"]), bool)), bool)
     if not keep.any():
         return
     keys = columns["device_key"][keep].astype(np.int64)
     ts = columns["ts"][keep]
     order, starts, gkey, ghour = _groups(keys, ts)
-    counts = np.diff(np.r_[starts, len(keys)]).tolist()
-    buckets = [_ts(int(h) * HOUR_MS) for h in ghour.tolist()]
+
+    def col(name: str, how: str) -> np.ndarray:  # NaN: no value in the group (fold: NULL)
+        if name not in columns:
+            return np.full(len(starts), np.nan)
+        return _reduce_nan(np.asarray(columns[name])[keep], order, starts, how)
+
+    figures: list[tuple[str, str, npt.NDArray[np.generic]]] = [
+        ("bucket", "timestamptz", ghour * HOUR_MS),
+        ("device_key", "integer", gkey),
+    ]
     if kind == "meter":
+        figures += [
+            ("min_volume_m3", "double precision", col("volume_m3", "min")),
+            ("max_volume_m3", "double precision", col("volume_m3", "max")),
+            ("max_flow_m3h", "real", col("flow_m3h", "max")),
+            ("min_flow_m3h", "real", col("flow_m3h", "min")),
+            ("min_pressure_kpa", "real", col("pressure_kpa", "min")),
+        ]
+    else:
+        figures.append(("max_ch4_lel", "real", col("ch4_lel", "max")))
+    figures.append(("readings", "integer", np.diff(np.r_[starts, len(keys)])))
+    statement = copy_statement(f"{kind}_hourly_delta", [name for name, _, _ in figures])
+    async with cur.copy(statement) as copy:  # binary COPY straight from the arrays
+        await copy.write(HEADER + binary_rows(figures) + TRAILER)
 
-        def col(name: str, how: str) -> list[float | None]:
-            if name not in columns:
-                return [None] * len(starts)
-            return _reduce(np.asarray(columns[name])[keep], order, starts, how)
 
+def _reduce_nan(
+    values: np.ndarray, order: np.ndarray, starts: np.ndarray, how: str
+) -> npt.NDArray[np.float64]:
+    """Per group min or max ignoring NaN; NaN where a group has no value."""
+    v = values[order].astype(np.float64)
+    fill = np.inf if how == "min" else -np.inf
+    out = (np.minimum if how == "min" else np.maximum).reduceat(
+        np.where(np.isnan(v), fill, v), starts
+    )
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+FOLD_LOCK = 0x6761_7366  # advisory lock: one fold at a time among several consumers
+
+
+async def fold_rollups(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Merge the staged rollup deltas into the hourly rollups, in one transaction. Returns
+    False when another consumer is folding right now (its fold takes these rows too)."""
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (FOLD_LOCK,))
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return False
         await cur.execute(
             """
+            WITH d AS (DELETE FROM meter_hourly_delta RETURNING *)
             INSERT INTO meter_hourly (bucket, device_key, min_volume_m3, max_volume_m3,
                                       max_flow_m3h, min_flow_m3h, min_pressure_kpa, readings)
-            SELECT * FROM unnest(%s::timestamptz[], %s::integer[], %s::float8[], %s::float8[],
-                                 %s::real[], %s::real[], %s::real[], %s::integer[])
+            SELECT bucket, device_key, min(nullif(min_volume_m3, 'NaN')),
+                   max(nullif(max_volume_m3, 'NaN')), max(nullif(max_flow_m3h, 'NaN')),
+                   min(nullif(min_flow_m3h, 'NaN')), min(nullif(min_pressure_kpa, 'NaN')),
+                   sum(readings)
+            FROM d GROUP BY device_key, bucket ORDER BY device_key, bucket
             ON CONFLICT (device_key, bucket) DO UPDATE SET
                 min_volume_m3 = LEAST(meter_hourly.min_volume_m3, excluded.min_volume_m3),
                 max_volume_m3 = GREATEST(meter_hourly.max_volume_m3, excluded.max_volume_m3),
@@ -185,34 +220,20 @@ async def merge_rollups(
                 min_flow_m3h = LEAST(meter_hourly.min_flow_m3h, excluded.min_flow_m3h),
                 min_pressure_kpa = LEAST(meter_hourly.min_pressure_kpa, excluded.min_pressure_kpa),
                 readings = meter_hourly.readings + excluded.readings
-            """,
-            (
-                buckets,
-                gkey.tolist(),
-                col("volume_m3", "min"),
-                col("volume_m3", "max"),
-                col("flow_m3h", "max"),
-                col("flow_m3h", "min"),
-                col("pressure_kpa", "min"),
-                counts,
-            ),
+            """
         )
-    else:
         await cur.execute(
             """
+            WITH d AS (DELETE FROM detector_hourly_delta RETURNING *)
             INSERT INTO detector_hourly (bucket, device_key, max_ch4_lel, readings)
-            SELECT * FROM unnest(%s::timestamptz[], %s::integer[], %s::real[], %s::integer[])
+            SELECT bucket, device_key, max(nullif(max_ch4_lel, 'NaN')), sum(readings)
+            FROM d GROUP BY device_key, bucket ORDER BY device_key, bucket
             ON CONFLICT (device_key, bucket) DO UPDATE SET
                 max_ch4_lel = GREATEST(detector_hourly.max_ch4_lel, excluded.max_ch4_lel),
                 readings = detector_hourly.readings + excluded.readings
-            """,
-            (
-                buckets,
-                gkey.tolist(),
-                _reduce(np.asarray(columns["ch4_lel"])[keep], order, starts, "max"),
-                counts,
-            ),
+            """
         )
+    return True
 
 
 async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmChange]) -> Outcome:

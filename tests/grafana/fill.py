@@ -76,6 +76,7 @@ async def _fill(url: str) -> Filled:
             await ingest.process(pending)
             pending = []
     await ingest.process(pending + _bad_messages())
+    await ingest.fold_rollups()  # as ingest does every couple of seconds
     await ingest.silence_scan()  # D-0019 has been silent for half an hour
     await ingest.health.write(conn, ingest.settings.shard_name, 0)
     await conn.close()
