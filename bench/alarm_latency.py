@@ -69,6 +69,7 @@ import _hotline as hl  # noqa: E402
 import _probes as pr  # noqa: E402
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
+from _cpu import CpuMeter, postgres_pids  # noqa: E402
 
 GOAL_MS = 250.0
 
@@ -231,12 +232,12 @@ class Phase:
         await asyncio.sleep(args.warmup)
         for c in self.consoles:
             c.kinds.clear()
-        cpu = hl.CpuMeter(
+        cpu = CpuMeter(
             {
                 "hotline": [self.hotline.pid or 0],
                 "load": [self.loader.pid or 0],
                 "probe+consoles": [os.getpid()],
-                "postgres": hl.postgres_pids(self.url),
+                "postgres": postgres_pids(self.url),
             }
         )
         rows0, t0 = stats[hl.LOAD_ROWS], time.monotonic()
