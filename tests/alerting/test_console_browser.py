@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
-from psycopg.types.json import Jsonb
+from playwright.sync_api import expect
 
 from ingest.storage import Partitions
-from tests.alerting.harness import PASSWORD, Hotline, running_hotline
+from tests.alerting.browser import CHROMIUM, LIVE, Console, console, eventually, off_loop, ticket_of
+from tests.alerting.harness import Hotline, running_hotline
+from tests.alerting.helpers import query, raise_alarm
 from tests.ingest.conftest import register, registry_csv
 
-CHROMIUM = Path("/usr/bin/chromium")
+__all__ = ["console"]  # the fixture, from tests/alerting/browser.py
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
@@ -31,82 +29,6 @@ pytestmark = [
     ),
 ]
 # we run as root (no sandbox); the rest keeps chromium off the (closed) network
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-LIVE = 10_000  # ms to wait for something that comes through the outbox and the live feed
-T = TypeVar("T")
-
-
-def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` in a thread of its own: while the browser is open, Playwright's sync API keeps
-    an event loop running in this thread, where asyncio.run refuses to start."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def alarm(database: str, device: str, rule: str, severity: str) -> None:
-    """What ingest writes for a raised alarm: the alarm and its outbox row."""
-    with psycopg.connect(database, autocommit=True) as conn:
-        key, household, district = conn.execute(
-            "SELECT d.key, d.household_id, h.district FROM devices d "
-            "JOIN households h ON h.id = d.household_id WHERE d.id = %s",
-            (device,),
-        ).fetchone()  # type: ignore[misc]
-        alarm_id = conn.execute(
-            "INSERT INTO alarms (device_key, device_id, household_id, district, rule, severity, "
-            "raised_at) VALUES (%s, %s, %s, %s, %s, %s, now()) RETURNING id",
-            (key, device, household, district, rule, severity),
-        ).fetchone()[0]  # type: ignore[index]
-        payload = {"device": device, "household": household, "district": district,
-                   "rule": rule, "severity": severity, "test": False}  # fmt: skip
-        conn.execute(
-            "INSERT INTO alarm_outbox (alarm_id, event, payload) VALUES (%s, 'raised', %s)",
-            (alarm_id, Jsonb(payload)),
-        )
-
-
-def query(database: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-
-
-def eventually(check: Callable[[], T], timeout: float = 10.0) -> T:
-    """``check()`` once it is truthy, or its last value after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
-
-
-def ticket_of(database: str, household: str) -> int:
-    found = eventually(
-        lambda: query(database, "SELECT id FROM tickets WHERE household_id = %s", (household,))
-    )
-    assert found, f"no ticket for {household}: the outbox was not taken"
-    return int(found[0][0])
-
-
-class Console:
-    """One browser tab on the hotline, failing the test on any uncaught script error."""
-
-    def __init__(self, page: Page, url: str) -> None:
-        self.page = page
-        self.url = url
-        self.errors: list[str] = []
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-
-    def fill_login(self, username: str) -> None:
-        self.page.get_by_test_id("login-username").fill(username)
-        self.page.get_by_test_id("login-password").fill(PASSWORD)
-        self.page.get_by_test_id("login-submit").click()
-
-    def sign_in(self, username: str) -> Page:
-        """Open the console, sign in, and wait until the live feed is connected."""
-        self.page.goto(self.url)
-        expect(self.page.get_by_test_id("queue")).to_be_hidden()  # nothing shown before signing in
-        self.fill_login(username)
-        expect(self.page.get_by_test_id("live-status")).to_have_text("live", timeout=LIVE)
-        return self.page
 
 
 @pytest.fixture
@@ -118,22 +40,6 @@ def hotline(database: str, tmp_path: Path) -> Iterator[Hotline]:
         yield hotline
 
 
-@pytest.fixture
-def console(hotline: Hotline) -> Iterator[Console]:
-    """A browser per test, started once the database is set up: the setup helpers call
-    asyncio.run, which cannot run beside Playwright's loop (so no module-wide browser)."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context()
-            context.set_default_timeout(5_000)
-            tab = Console(context.new_page(), hotline.url)
-            yield tab
-        finally:
-            browser.close()
-    assert not tab.errors, f"the page threw: {tab.errors}"
-
-
 def test_a_new_alarm_reaches_the_open_console_live_and_acknowledging_it_takes_the_ticket(
     console: Console, database: str
 ) -> None:
@@ -143,7 +49,7 @@ def test_a_new_alarm_reaches_the_open_console_live_and_acknowledging_it_takes_th
     page.on("request", lambda r: queue_loads.append(r.url) if r.url.endswith("/api/tickets") else None)  # fmt: skip
     page.evaluate("window.notReloaded = true")
 
-    alarm(database, "D-0001", "gas_high", "critical")
+    raise_alarm(database, "D-0001", "gas_high", "critical")
     rows = page.locator('[data-testid^="ticket-row-"]')
     expect(rows).to_have_count(1, timeout=LIVE)
     ticket = ticket_of(database, "H-0001")
@@ -183,7 +89,7 @@ def test_the_detail_pane_charts_the_stored_readings_and_follows_the_history_live
                 "SELECT now() - make_interval(mins => %s), key, %s, %s FROM devices WHERE id = %s",
                 (minutes_ago, lel, lost, "D-0001"),
             )
-    alarm(database, "D-0001", "gas_high", "critical")
+    raise_alarm(database, "D-0001", "gas_high", "critical")
     ticket = ticket_of(database, "H-0001")
     page = console.sign_in("dispatcher")
     page.get_by_test_id(f"open-{ticket}").click()
@@ -213,8 +119,8 @@ def test_the_detail_pane_charts_the_stored_readings_and_follows_the_history_live
 def test_a_refused_step_shows_the_reason_and_the_dialogs_dispatch_and_cancel(
     console: Console, database: str
 ) -> None:
-    alarm(database, "D-0001", "gas_high", "critical")
-    alarm(database, "D-0002", "gas_low", "major")
+    raise_alarm(database, "D-0001", "gas_high", "critical")
+    raise_alarm(database, "D-0002", "gas_low", "major")
     critical, high = ticket_of(database, "H-0001"), ticket_of(database, "H-0002")
     page = console.sign_in("dispatcher")
     rows = page.locator('[data-testid^="ticket-row-"]')
@@ -255,7 +161,7 @@ def test_a_refused_step_shows_the_reason_and_the_dialogs_dispatch_and_cancel(
 def test_the_report_page_signs_in_through_the_console_and_shows_the_days_figures(
     console: Console, hotline: Hotline, database: str
 ) -> None:
-    alarm(database, "D-0001", "gas_high", "critical")
+    raise_alarm(database, "D-0001", "gas_high", "critical")
     ticket_of(database, "H-0001")
     page = console.page
     page.goto(f"{hotline.url}/report")

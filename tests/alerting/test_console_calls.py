@@ -10,20 +10,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
+from tests.alerting.browser import CHROMIUM, LIVE, Console, console, ticket_of
 from tests.alerting.harness import Hotline, running_hotline
-from tests.alerting.test_console_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    LIVE,
-    Console,
-    alarm,
-    query,
-    ticket_of,
-)
+from tests.alerting.helpers import query, raise_alarm
 from tests.ingest.conftest import register, registry_csv
 
+__all__ = ["console"]  # the fixture, from tests/alerting/browser.py
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
@@ -46,19 +40,6 @@ def hotline(database: str, tmp_path: Path) -> Iterator[Hotline]:
         yield hotline
 
 
-@pytest.fixture
-def console(hotline: Hotline) -> Iterator[Console]:
-    """A browser per test, started after the database setup (which runs asyncio)."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context()
-            context.set_default_timeout(5_000)
-            tab = Console(context.new_page(), hotline.url)
-            yield tab
-        finally:
-            browser.close()
-    assert not tab.errors, f"the page threw: {tab.errors}"
 
 
 def search(page: Page, text: str) -> None:
@@ -98,7 +79,7 @@ def test_the_call_taker_finds_the_household_by_address_phone_or_meter_number(
 def test_a_neighbours_call_about_an_open_leak_joins_its_ticket(
     console: Console, database: str
 ) -> None:
-    alarm(database, "D-0002", "gas_high", "critical")
+    raise_alarm(database, "D-0002", "gas_high", "critical")
     ticket = ticket_of(database, "H-0002")
     page = console.sign_in("call-taker")
     page.get_by_test_id("new-call").click()
