@@ -146,6 +146,7 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
         username=settings.mqtt_username,
         password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
         tls=settings.mqtt_tls,
+        protocol=settings.mqtt_protocol,
     )
     bridge = ValveBridge(
         settings.database_url,

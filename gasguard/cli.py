@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--var", type=Path, default=Path("var"), help="folder for data and logs")
     up.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     up.add_argument("--interval", default="5s", help="the gateway's poll interval")
+    up.add_argument(
+        "--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
+        help="the private broker when none is configured (auto: Mosquitto when installed)",
+    )  # fmt: skip
     up.set_defaults(handler=_up)
     selftest = commands.add_parser(
         "selftest", help="test the whole chain with simulated devices in test mode (no crew sent)"
@@ -91,7 +95,7 @@ def _selftest(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from gasguard.up import run
 
-    return run(args.var, args.port, args.speed, args.interval)
+    return run(args.var, args.port, args.speed, args.interval, args.broker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

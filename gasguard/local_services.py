@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +210,52 @@ def _major_version(bin_dir: Path) -> str | None:
     return words[-1].split(".")[0] if words else None
 
 
-def start_mosquitto(var: Path) -> LocalService:
-    binary = shutil.which("mosquitto") or (
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
+
+
+def amqtt_binary() -> str | None:
+    """The pure-Python broker's command (``gasguard[embedded]`` installs it)."""
+    beside = Path(sys.executable).parent / "amqtt"
+    return str(beside) if beside.exists() else shutil.which("amqtt")
+
+
+def start_amqtt(var: Path) -> LocalService:
+    """amqtt, the pure-Python broker, for machines without Mosquitto. It speaks MQTT 3.1.1
+    only (the services are switched to it) and keeps sessions in memory."""
+    binary = amqtt_binary()
+    if binary is None:
+        raise LocalServiceError(
+            "neither Mosquitto nor amqtt is installed: install Mosquitto (Debian: mosquitto) "
+            "or the embedded extras (pip install 'gasguard[embedded]'), or set "
+            "GASGUARD_MQTT_HOST/GASGUARD_MQTT_PORT to a running broker"
+        )
+    folder = (var / "amqtt").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "amqtt.log"
+    service = LocalService("amqtt", free_port(), "", log=log)
+    conf = folder / "amqtt.yaml"
+    conf.write_text(
+        "listeners:\n  default:\n    type: tcp\n"
+        f"    bind: 127.0.0.1:{service.port}\n"
+        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+        "    allow_anonymous: true\n"
+    )
+    with log.open("ab") as out:
+        service.process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    service.description = (
+        f"private amqtt (pure-Python, MQTT 3.1.1: no message expiry on valve commands) on "
+        f"127.0.0.1:{service.port}"
+    )
+    return service
+
+
+def start_mosquitto(var: Path) -> LocalService:
+    binary = mosquitto_binary()
     if binary is None:
         raise LocalServiceError(
             "Mosquitto is not installed: install it (Debian: mosquitto) or set "

@@ -57,6 +57,10 @@ class MqttOptions:
     ca_file: str | None = None
     keepalive: int = 30
     clean_start: bool = True
+    # "5" everywhere GasGuard runs on Mosquitto; "3.1.1" for a broker that speaks nothing newer
+    # (amqtt, the pure-Python broker `gasguard up` falls back to): no receive maximum, session
+    # expiry or message expiry then, and a persistent session is clean_session false
+    protocol: str = "5"
     session_expiry_s: int = 0
     receive_maximum: int = 1000
     max_inflight: int = 1000
@@ -164,6 +168,8 @@ class MqttLink:
         client = self._client
         if client is None or not self.connected:
             return None
+        if self.options.protocol != "5":
+            properties = None  # MQTT 3.1.1 has no properties
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
@@ -258,17 +264,20 @@ class MqttLink:
         self._client = client
         self._lost.clear()
         self._refused = None
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.ReceiveMaximum = opts.receive_maximum
-        if opts.session_expiry_s:
-            props.SessionExpiryInterval = opts.session_expiry_s
-        client.connect(
-            address,  # with TLS, the certificate is still checked against opts.host
-            opts.port,
-            keepalive=opts.keepalive,
-            clean_start=opts.clean_start,
-            properties=props,
-        )
+        if opts.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.ReceiveMaximum = opts.receive_maximum
+            if opts.session_expiry_s:
+                props.SessionExpiryInterval = opts.session_expiry_s
+            client.connect(
+                address,  # with TLS, the certificate is still checked against opts.host
+                opts.port,
+                keepalive=opts.keepalive,
+                clean_start=opts.clean_start,
+                properties=props,
+            )
+        else:  # 3.1.1: the session's cleanliness was set on the client
+            client.connect(address, opts.port, keepalive=opts.keepalive)
         sock = client.socket()
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -315,9 +324,19 @@ class MqttLink:
 
     def _new_client(self) -> mqtt.Client:
         opts = self.options
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=mqtt.MQTTv5
-        )
+        if opts.protocol == "5":
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=mqtt.MQTTv5
+            )
+        elif opts.protocol == "3.1.1":
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=opts.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=opts.clean_start,
+            )
+        else:
+            raise ValueError(f"MQTT protocol must be '5' or '3.1.1', not {opts.protocol!r}")
         client.connect_timeout = opts.connect_timeout
         client.max_inflight_messages_set(opts.max_inflight)
         client.max_queued_messages_set(0)

@@ -28,6 +28,7 @@ class CommonSettings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     mqtt_tls: bool = False
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"  # 3.1.1 only for a broker without MQTT 5
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
 
     @model_validator(mode="after")

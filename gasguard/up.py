@@ -31,7 +31,9 @@ from gasguard.local_services import (
     LocalServiceError,
     free_port,
     last_line,
+    mosquitto_binary,
     port_open,
+    start_amqtt,
     start_mosquitto,
     start_postgres,
     stop_process,
@@ -61,8 +63,12 @@ def say(what: str, detail: str) -> None:
 
 
 class Up:
-    def __init__(self, var: Path, port: int, speed: float, interval: str) -> None:
+    def __init__(
+        self, var: Path, port: int, speed: float, interval: str, broker: str = "auto"
+    ) -> None:
         self.var = var
+        self.broker = broker  # auto (Mosquitto when installed, else amqtt), mosquitto, amqtt
+        self.protocol = "5"
         self.port = port
         self.speed = speed
         self.interval = interval
@@ -115,8 +121,16 @@ class Up:
             if not port_open(settings.mqtt_port, settings.mqtt_host):
                 raise UpError(f"nothing answers at the MQTT broker {where} (GASGUARD_MQTT_*)")
             return
-        say("broker", "no GASGUARD_MQTT_HOST: starting a private Mosquitto ...")
-        service = start_mosquitto(self.var)
+        use_amqtt = self.broker == "amqtt" or (self.broker == "auto" and not mosquitto_binary())
+        if use_amqtt:
+            why = "as asked" if self.broker == "amqtt" else "Mosquitto is not installed"
+            say("broker", f"no GASGUARD_MQTT_HOST, {why}: starting the pure-Python amqtt "
+                          "(MQTT 3.1.1; the services are switched to it) ...")  # fmt: skip
+            service = start_amqtt(self.var)
+            self.env["GASGUARD_MQTT_PROTOCOL"] = self.protocol = "3.1.1"
+        else:
+            say("broker", "no GASGUARD_MQTT_HOST: starting a private Mosquitto ...")
+            service = start_mosquitto(self.var)
         self.services.append(service)
         service.wait_ready()
         self.env["GASGUARD_MQTT_HOST"], self.env["GASGUARD_MQTT_PORT"] = (
@@ -181,8 +195,10 @@ class Up:
                   int(self.env.get("GASGUARD_MQTT_PORT", "1883")))  # fmt: skip
         text = gateway_config_text(devices, GATEWAY_ID, self.interval, broker)
         state = (self.var / "gateway" / GATEWAY_ID).resolve()
-        text = text.replace(f'gateway_id = "{GATEWAY_ID}"',
-                            f'gateway_id = "{GATEWAY_ID}"\nstate_dir = "{state}"')  # fmt: skip
+        text = text.replace(
+            f'gateway_id = "{GATEWAY_ID}"', f'gateway_id = "{GATEWAY_ID}"\nstate_dir = "{state}"'
+        )
+        text = text.replace("[broker]\n", f'[broker]\nprotocol = "{self.protocol}"\n', 1)
         config = self.var / "up" / "gateway.toml"
         config.write_text(text)
         self._spawn("gateway", ["gateway", "run", "--config", str(config)])
@@ -312,11 +328,11 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def run(var: Path, port: int, speed: float, interval: str) -> int:
+def run(var: Path, port: int, speed: float, interval: str, broker: str = "auto") -> int:
     import logging
 
     logging.getLogger("ingest").setLevel(logging.WARNING)  # progress lines say what happened
-    up = Up(var, port, speed, interval)
+    up = Up(var, port, speed, interval, broker)
     try:
         login = up.start()
         print(

@@ -111,6 +111,7 @@ class Gateway:
                 tls=c.broker.tls,
                 ca_file=c.broker.ca_file,
                 keepalive=c.broker.keepalive,
+                protocol=c.broker.protocol,
                 # A persistent session: a command published while the gateway reconnects is
                 # kept by the broker and delivered when it is back (up to a day later).
                 clean_start=False,

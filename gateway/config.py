@@ -55,6 +55,7 @@ class BrokerConfig(_Model):
     username: str | None = None
     password: str | None = None
     keepalive: int = Field(30, ge=5, le=3600)
+    protocol: Literal["5", "3.1.1"] = "5"  # 3.1.1 only for a broker without MQTT 5
 
 
 class BatchingConfig(_Model):

@@ -97,6 +97,7 @@ class Ingest:
                 username=s.mqtt_username,
                 password=s.mqtt_password.get_secret_value() if s.mqtt_password else None,
                 tls=s.mqtt_tls,
+                protocol=s.mqtt_protocol,
                 client_id=f"{s.ingest_client_id}-{s.ingest_shard}",
                 clean_start=False,
                 session_expiry_s=7 * 86400,
