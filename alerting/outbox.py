@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from alerting.tickets import silenced
+from alerting.tickets import insert_ticket, silenced
 
 log = logging.getLogger(__name__)
 
@@ -146,32 +146,12 @@ async def _apply(
     test = False
     if row is None and event == "raised":
         test = bool(payload.get("test")) or await silenced(cur, household, payload.get("device"))
-        await cur.execute(
-            """
-            INSERT INTO tickets (category, priority, household_id, device_id, cause, source, owner,
-                                 test_mode, on_site_due, resolve_due, district, summary)
-            SELECT %s, %s, %s, %s, %s, 'alarm', %s, %s,
-                   now() + make_interval(mins => s.on_site_minutes),
-                   now() + make_interval(mins => s.resolve_minutes), %s, %s
-            FROM service_times s WHERE s.category = %s
-            ON CONFLICT (household_id, cause)
-                WHERE status NOT IN ('resolved', 'closed', 'cancelled') DO NOTHING
-            RETURNING id
-            """,
-            (
-                category,
-                priority,
-                household,
-                payload.get("device"),
-                cause,
-                SYSTEM_OWNER,
-                test,
-                payload.get("district"),
-                f"{rule} alarm from {payload.get('device')}",
-                category,
-            ),
-        )
-        ticket = await cur.fetchone()
+        ticket = await insert_ticket(
+            cur, category=category, priority=priority, cause=cause, source="alarm",
+            owner=SYSTEM_OWNER, household_id=household, device_id=payload.get("device"),
+            test_mode=test, district=payload.get("district"),
+            summary=f"{rule} alarm from {payload.get('device')}",
+        )  # fmt: skip
         if ticket is None:  # another instance opened it a moment ago: this is a repeat
             await cur.execute(
                 "SELECT id FROM tickets WHERE household_id = %s AND cause = %s "
@@ -180,7 +160,7 @@ async def _apply(
             )
             row = await cur.fetchone()
         else:
-            ticket_id, opened = int(ticket[0]), True
+            ticket_id, opened = ticket, True
     if opened:
         kind = "opened"
     elif row is None:
@@ -278,27 +258,15 @@ async def _group_storm(
             )
         opened = 1
         incident_id = int(row[0])
-        await cur.execute(
-            """
-            INSERT INTO tickets (category, priority, household_id, cause, source, owner,
-                                 on_site_due, resolve_due, district, summary, is_incident,
-                                 incident_id)
-            SELECT %(category)s, %(priority)s, NULL, %(cause)s, 'incident', %(owner)s,
-                   now() + make_interval(mins => s.on_site_minutes),
-                   now() + make_interval(mins => s.resolve_minutes), %(district)s,
-                   %(summary)s, true, %(incident)s
-            FROM service_times s WHERE s.category = %(category)s
-            RETURNING id
-            """,
-            {"category": category, "priority": "critical" if priority == "critical" else "high",
-             "cause": cause, "owner": INCIDENT_OWNER, "district": district,
-             "summary": f"district incident: {cause} in {district}", "incident": incident_id},
+        incident_ticket = await insert_ticket(
+            cur, category=category, priority="critical" if priority == "critical" else "high",
+            cause=cause, source="incident", owner=INCIDENT_OWNER, district=district,
+            summary=f"district incident: {cause} in {district}", incident_id=incident_id,
         )  # fmt: skip
-        incident_ticket = await cur.fetchone()
-        assert incident_ticket is not None
+        assert incident_ticket is not None  # the incident is new: so is its ticket
         await cur.execute(
             "INSERT INTO ticket_events (ticket_id, actor, kind, detail) VALUES (%s, %s, %s, %s)",
-            (incident_ticket[0], INCIDENT_OWNER, "opened",
+            (incident_ticket, INCIDENT_OWNER, "opened",
              orjson.dumps({"source": "incident", "district": district, "cause": cause}).decode()),
         )  # fmt: skip
         # the storm's tickets so far go under it; critical ones stay in the queue

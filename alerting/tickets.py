@@ -134,6 +134,48 @@ async def detail(conn: psycopg.AsyncConnection[Any], ticket_id: int) -> dict[str
     return ticket
 
 
+async def insert_ticket(
+    cur: psycopg.AsyncCursor[Any],
+    *,
+    category: str,
+    priority: str,
+    cause: str,
+    source: str,
+    owner: str,
+    household_id: str | None = None,
+    device_id: str | None = None,
+    test_mode: bool = False,
+    district: str | None = None,
+    summary: str = "",
+    caller_name: str | None = None,
+    caller_phone: str | None = None,
+    incident_id: int | None = None,
+) -> int | None:
+    """Open a ticket with the promises of its category's published service time (an incident
+    ticket when ``source`` is 'incident'). None when an open ticket with the same key (household
+    and cause, or district and cause for an incident) exists: someone opened it a moment ago."""
+    await cur.execute(
+        """
+        INSERT INTO tickets (category, priority, household_id, device_id, cause, source, owner,
+                             test_mode, on_site_due, resolve_due, district, summary, caller_name,
+                             caller_phone, is_incident, incident_id)
+        SELECT %(category)s, %(priority)s, %(household)s, %(device)s, %(cause)s, %(source)s,
+               %(owner)s, %(test)s, now() + make_interval(mins => s.on_site_minutes),
+               now() + make_interval(mins => s.resolve_minutes), %(district)s, %(summary)s,
+               %(caller_name)s, %(caller_phone)s, %(source)s = 'incident', %(incident)s
+        FROM service_times s WHERE s.category = %(category)s
+        ON CONFLICT DO NOTHING
+        RETURNING id
+        """,
+        {"category": category, "priority": priority, "household": household_id,
+         "device": device_id, "cause": cause, "source": source, "owner": owner,
+         "test": test_mode, "district": district, "summary": summary,
+         "caller_name": caller_name, "caller_phone": caller_phone, "incident": incident_id},
+    )  # fmt: skip
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
 async def add_event(
     cur: psycopg.AsyncCursor[Any],
     ticket_id: int,
@@ -332,24 +374,18 @@ async def create_from_call(
     test = await silenced(cur, household_id, device_id)
     if priority is None:
         priority = "critical" if category == "emergency_repair" else "normal"
-    await cur.execute(
-        """
-        INSERT INTO tickets (category, priority, household_id, device_id, cause, source, owner,
-                             test_mode, on_site_due, resolve_due, district, summary, caller_name,
-                             caller_phone)
-        SELECT %s, %s, %s, %s, %s, 'call', %s, %s,
-               now() + make_interval(mins => s.on_site_minutes),
-               now() + make_interval(mins => s.resolve_minutes), %s, %s, %s, %s
-        FROM service_times s WHERE s.category = %s
-        RETURNING id
-        """,
-        (category, priority, household_id, device_id, cause, user.username, test, district,
-         summary_text, caller_name, caller_phone, category),
+    opened = await insert_ticket(
+        cur, category=category, priority=priority, cause=cause, source="call",
+        owner=user.username, household_id=household_id, device_id=device_id, test_mode=test,
+        district=district, summary=summary_text, caller_name=caller_name,
+        caller_phone=caller_phone,
     )  # fmt: skip
-    row = await cur.fetchone()
-    if row is None:
-        raise TicketError(f"category {category!r} has no published service time")
-    ticket_id = int(row[0])
+    if opened is None:
+        raise TicketConflictError(
+            f"a {cause} ticket for household {household_id} was opened a moment ago: "
+            "search the household again and join it"
+        )
+    ticket_id = opened
     await add_event(
         cur,
         ticket_id,

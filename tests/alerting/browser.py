@@ -16,6 +16,15 @@ from tests.alerting.harness import PASSWORD, Hotline
 from tests.alerting.helpers import query
 
 CHROMIUM = Path("/usr/bin/chromium")
+# the marks of a browser test module
+BROWSER_TEST = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"Debian's chromium is not installed at {CHROMIUM} (scripts/services installs it)",
+    ),
+]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 LIVE = 10_000  # ms to wait for something that comes through the outbox and the live feed

@@ -14,20 +14,21 @@ import pytest
 from playwright.sync_api import expect
 
 from ingest.storage import Partitions
-from tests.alerting.browser import CHROMIUM, LIVE, Console, console, eventually, off_loop, ticket_of
+from tests.alerting.browser import (
+    BROWSER_TEST,
+    LIVE,
+    Console,
+    console,
+    eventually,
+    off_loop,
+    ticket_of,
+)
 from tests.alerting.harness import Hotline, running_hotline
 from tests.alerting.helpers import query, raise_alarm
 from tests.ingest.conftest import register, registry_csv
 
 __all__ = ["console"]  # the fixture, from tests/alerting/browser.py
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason=f"Debian's chromium is not installed at {CHROMIUM} (scripts/services installs it)",
-    ),
-]
+pytestmark = BROWSER_TEST
 # we run as root (no sandbox); the rest keeps chromium off the (closed) network
 
 

@@ -12,20 +12,13 @@ import psycopg
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.alerting.browser import CHROMIUM, LIVE, Console, console, ticket_of
+from tests.alerting.browser import BROWSER_TEST, LIVE, Console, console, ticket_of
 from tests.alerting.harness import Hotline, running_hotline
 from tests.alerting.helpers import query, raise_alarm
 from tests.ingest.conftest import register, registry_csv
 
 __all__ = ["console"]  # the fixture, from tests/alerting/browser.py
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason=f"Debian's chromium is not installed at {CHROMIUM} (scripts/services installs it)",
-    ),
-]
+pytestmark = BROWSER_TEST
 PHONE = "0571-8765 4321"  # H-0002's, as the registry may hold it
 
 

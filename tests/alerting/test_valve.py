@@ -341,15 +341,16 @@ def test_the_bridge_reconnects_to_the_database_and_logs_the_loss_once(
 
             async def bridge_connected() -> bool:
                 cur = await conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
                 )
                 return await cur.fetchone() == (1,)
 
             await until(bridge_connected, what="the bridge's database connection")
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"  # not an autovacuum worker
             )
             command_id = await request(conn, ticket, "M-0001", "close_valve")
             bridge.wake()
