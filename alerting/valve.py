@@ -180,6 +180,9 @@ class ValveBridge:
                 try:
                     if conn is None or conn.closed:
                         conn = await self._connect()
+                        if self._db_down:  # said as soon as it is so, before any work
+                            self._db_down = False
+                            log.info("valve bridge: database reachable again")
                     await self._take_results(conn)
                     if self.link.connected:
                         await self._send(conn)
@@ -191,9 +194,6 @@ class ValveBridge:
                     conn = None
                     await asyncio.sleep(self._db_failed(exc))
                     continue
-                if self._db_down:
-                    self._db_down = False
-                    log.info("valve bridge: database reachable again")
                 self._db_backoff.reset()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
