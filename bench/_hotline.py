@@ -169,8 +169,8 @@ def load_main(url: str, load: Load, stats: Any, stop: Any) -> None:
 async def _load(url: str, load: Load, stats: Any, stop: Any) -> None:
     """Alarms raised on random idle background devices and cleared after a random hold, at a
     fixed rate of outbox rows, one transaction per ``commit_s`` as ingest's consumer writes
-    them (``write_alarms`` then ``raise_confidence``)."""
-    from ingest.writer import AlarmChange, raise_confidence, write_alarms
+    them (``write_alarms``)."""
+    from ingest.writer import AlarmChange, write_alarms
 
     rng = random.Random(load.seed)
     async with await psycopg.AsyncConnection.connect(url) as conn:
@@ -228,7 +228,6 @@ async def _load(url: str, load: Load, stats: Any, stop: Any) -> None:
             started = time.perf_counter()
             async with conn.transaction(), conn.cursor() as c:
                 outcome = await write_alarms(c, batch)
-                await raise_confidence(c, outcome.raised_households)
             us = int((time.perf_counter() - started) * 1e6)
             stats[LOAD_MAX_COMMIT_US] = max(stats[LOAD_MAX_COMMIT_US], us)
             stats[LOAD_ROWS] += outcome.outbox_rows

@@ -109,7 +109,7 @@ async def send_probes(
 ) -> None:
     """One critical gas alarm every ``interval`` s for ``seconds``, each committed on its own,
     as ingest commits it; ``sent`` gets (before the statements, after the commit)."""
-    from ingest.writer import AlarmChange, raise_confidence, write_alarms
+    from ingest.writer import AlarmChange, write_alarms
 
     async with await psycopg.AsyncConnection.connect(url) as conn:
         start = time.monotonic()
@@ -125,8 +125,7 @@ async def send_probes(
             )  # fmt: skip
             before = time.monotonic()
             async with conn.transaction(), conn.cursor() as cur:
-                outcome = await write_alarms(cur, [change])
-                await raise_confidence(cur, outcome.raised_households)
+                await write_alarms(cur, [change])
             sent.append((before, time.monotonic()))
 
 

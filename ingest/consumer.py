@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 
 from gasguard.backoff import Backoff
-from gasguard.fields import FIELDS, KINDS
+from gasguard.fields import FIELDS, KINDS, Kind
 from gasguard.mqtt_link import MqttLink, MqttOptions
 from gasguard.wire import Batch, WireError, decode_batch
 from ingest.detection import Detection, Thresholds
@@ -37,7 +38,6 @@ from ingest.writer import (
     copy_readings,
     fold_rollups,
     load_state,
-    raise_confidence,
     save_state,
     stage_rollups,
     write_alarms,
@@ -82,11 +82,19 @@ class Ingest:
         self.detection = Detection(settings.ingest_utc_offset_hours, thresholds)
         self.partitions = Partitions("stock")
         self.mode = "stock"
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None  # setup and periodic jobs
+        # micro-batches in flight, each on its own connection (see _transaction)
+        self._writers: list[psycopg.AsyncConnection[Any] | None] = [None] * max(
+            settings.ingest_pipeline, 1
+        )
         self._db_backoff = Backoff(base=0.5, cap=15.0)
         self._inbox: list[Message] = []
         self._keys: dict[tuple[str, str, tuple[str, ...]], np.ndarray] = {}
-        self._db_lock = asyncio.Lock()  # one connection: the loop and the jobs take turns
+        self._db_lock = asyncio.Lock()  # the jobs' connection: one job at a time
+        # detection, alarms and commits one micro-batch at a time, in order (and the silence
+        # scan between them): detection state and alarms follow the readings' order
+        self._order_lock = asyncio.Lock()
+        self._stored = 0  # micro-batches handed to _store so far (picks the connection)
         self._wake = asyncio.Event()
         self._last_state_save = 0.0
         s = settings
@@ -134,7 +142,8 @@ class Ingest:
 
     # ------------------------------------------------------------------ database side
 
-    async def connect_db(self) -> psycopg.AsyncConnection[Any]:
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """A connection, waiting with backoff while the database is away."""
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -151,6 +160,10 @@ class Ingest:
                 self.health.db_errors.inc()
                 await asyncio.sleep(delay)
         self._db_backoff.reset()
+        return conn
+
+    async def connect_db(self) -> psycopg.AsyncConnection[Any]:
+        conn = await self._connect()
         self.mode = await choose_mode(conn)
         cur = await conn.execute("SELECT to_regclass('meter_readings') IS NOT NULL")
         row = await cur.fetchone()
@@ -171,6 +184,20 @@ class Ingest:
             self._conn = None
             return await self.connect_db()
         return self._conn
+
+    async def _writer(self, slot: int) -> psycopg.AsyncConnection[Any]:
+        conn = self._writers[slot]
+        if conn is None or conn.closed:
+            if self._conn is None or self._conn.closed:
+                await self._db()  # storage mode and partitions first
+            conn = self._writers[slot] = await self._connect()
+        return conn
+
+    async def _drop_writer(self, slot: int) -> None:
+        conn, self._writers[slot] = self._writers[slot], None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -240,11 +267,15 @@ class Ingest:
         accepted: list[Accepted],
         dead: list[DeadLetter],
         started: float,
+        previous: asyncio.Future[None] | None = None,
     ) -> None:
+        """Commit one micro-batch (after ``previous``, the micro-batch before it, has
+        committed), then acknowledge its messages. Retries while the database is away."""
+        slot = self._stored % len(self._writers)
+        self._stored += 1
         while True:
             try:
-                async with self._db_lock:
-                    await self._transaction(accepted, dead)
+                readings = await self._transaction(slot, accepted, dead, previous)
                 break
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.health.db_errors.inc()
@@ -254,13 +285,11 @@ class Ingest:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                     delay,
                 )
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        await self._conn.close()
-                self._conn = None
+                await self._drop_writer(slot)
                 await asyncio.sleep(delay)
         self._db_backoff.reset()
         self._ack(messages)
+        self.health.readings.inc(readings)
         self.health.batch_done(
             messages=len(messages),
             dead=len(dead),
@@ -268,8 +297,21 @@ class Ingest:
             newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
         )
 
-    async def _transaction(self, accepted: list[Accepted], dead: list[DeadLetter]) -> None:
-        conn = await self._db()
+    async def _transaction(
+        self,
+        slot: int,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+        previous: asyncio.Future[None] | None,
+    ) -> int:
+        """One micro-batch in one transaction; returns the readings stored.
+
+        Two phases, so that micro-batches overlap on their own connections: the readings
+        (batch ids, COPY, staged rollups) go in while the micro-batch before is still being
+        written; detection, alarms and the commit wait until that one has committed, and run
+        one micro-batch at a time. A redelivered batch id waits on the earlier uncommitted
+        one (a row lock) and then counts as a duplicate."""
+        conn = await self._writer(slot)
         unique: dict[tuple[str, int], Accepted] = {}
         for a in accepted:  # a batch and its redelivery can share one micro-batch
             unique.setdefault((a.batch.gw, a.batch.seq), a)
@@ -285,57 +327,75 @@ class Ingest:
                 for d in np.unique(a.batch.ts // DAY_MS)
             }
             await self.partitions.ensure(conn, f"{kind}_readings", sorted(days))
-        touched = (
-            np.unique(np.concatenate([a.keys for a in accepted]))
-            if accepted
-            else np.empty(0, np.int64)
-        )
-        checkpoint = self.detection.checkpoint(touched)
+        stored, locked = 0, False
+        checkpoint = None
         try:
             async with conn.transaction(), conn.cursor() as cur:
                 fresh = await claim_batches(cur, ids)
                 new = [a for a in accepted if (a.batch.gw, a.batch.seq) in fresh]
-                self.health.duplicates.inc(len(accepted) - len(new))
-                changes = []
+                by_kind: dict[Kind, list[Accepted]] = {}
+                for a in new:
+                    by_kind.setdefault(a.batch.kind, []).append(a)
                 for kind in KINDS:
-                    mine = [a for a in new if a.batch.kind == kind]
-                    if not mine:
-                        continue
+                    mine = by_kind.get(kind, [])
                     groups: dict[frozenset[str], list[Accepted]] = {}
                     for a in mine:
                         groups.setdefault(frozenset(a.batch.fields), []).append(a)
                     for group in groups.values():  # one COPY per set of columns
                         columns = _concat(group)
-                        self.health.readings.inc(await copy_readings(cur, kind, columns))
+                        stored += await copy_readings(cur, kind, columns)
                         if self.mode == "stock":
                             await stage_rollups(cur, kind, columns)
-                    changes += self.detection.run(kind, _concat(mine, fill=True), self.registry)
+                if previous is not None:
+                    await previous  # it retries until it commits (or this consumer stops)
+                await self._order_lock.acquire()
+                locked = True
+                touched = (
+                    np.unique(np.concatenate([a.keys for a in new]))
+                    if new
+                    else np.empty(0, np.int64)
+                )
+                checkpoint = self.detection.checkpoint(touched)
+                changes = []
+                for kind in KINDS:
+                    if kind in by_kind:
+                        changes += self.detection.run(
+                            kind, _concat(by_kind[kind], fill=True), self.registry
+                        )
+                changes.sort(key=lambda c: c.ts_ms)  # as they happened, across kinds
                 outcome = await write_alarms(cur, changes)
-                await raise_confidence(cur, outcome.raised_households)
                 await write_dead_letters(cur, dead)
-                if time.monotonic() - self._last_state_save >= self.settings.ingest_state_every_s:
+                now = time.monotonic()
+                if now - self._last_state_save >= self.settings.ingest_state_every_s:
                     for kind in KINDS:
                         await save_state(
                             cur, self.settings.shard_name, kind, self.detection.arrays(kind)
                         )
-                    self._last_state_save = time.monotonic()
+                    self._last_state_save = now
+            # committed
         except BaseException:
-            self.detection.restore(checkpoint)
+            if checkpoint is not None:
+                self.detection.restore(checkpoint)
             raise
+        finally:
+            if locked:
+                self._order_lock.release()
+        self.health.duplicates.inc(len(accepted) - len(new))
         self.health.alarms_raised.inc(outcome.alarms_raised)
         self.health.dead_letters.inc(len(dead))
         for d in dead:
             log.warning(
                 "dead letter from %s: %s%s", d.topic, f"{d.field}: " if d.field else "", d.reason
             )
+        return stored
 
     # ------------------------------------------------------------------ periodic jobs
 
     async def silence_scan(self) -> None:
-        changes = self.detection.silence(int(time.time() * 1000), self.registry)
-        if not changes:
-            return
-        async with self._db_lock:
+        async with self._order_lock, self._db_lock:  # between micro-batches' detection
+            changes = self.detection.silence(int(time.time() * 1000), self.registry)
+            if not changes:
+                return
             conn = await self._db()
             async with conn.transaction(), conn.cursor() as cur:
                 outcome = await write_alarms(cur, changes)
@@ -400,15 +460,21 @@ class Ingest:
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )
-        pending: asyncio.Task[None] | None = None
+        # micro-batches in flight: the newest decodes and COPYs while the one before commits
+        inflight: deque[asyncio.Task[None]] = deque()
+        depth = len(self._writers)
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self._wake.wait()
                 self._wake.clear()
+                while inflight and inflight[0].done():
+                    await inflight.popleft()  # raises what a micro-batch could not handle
                 if not self._inbox:
                     continue
+                if len(inflight) >= depth:  # meanwhile the inbox fills the next micro-batch
+                    await inflight.popleft()
                 urgent = any(m.topic.endswith("/alarm") for m in self._inbox)
                 if len(self._inbox) < self.settings.ingest_max_messages and not urgent:
                     await asyncio.sleep(self.settings.ingest_max_wait_ms / 1000)
@@ -419,17 +485,19 @@ class Ingest:
                 if self._inbox:
                     self._wake.set()
                 started = time.monotonic()
-                accepted, dead = self.accept(batch)  # decoding overlaps the previous commit
-                if pending is not None:
-                    await pending  # micro-batches commit in order: detection needs it
-                pending = asyncio.create_task(self._store(batch, accepted, dead, started))
+                accepted, dead = self.accept(batch)  # overlaps the micro-batches in flight
+                previous = inflight[-1] if inflight else None
+                inflight.append(
+                    asyncio.create_task(self._store(batch, accepted, dead, started, previous))
+                )
         finally:
-            if pending is not None:
-                done, _ = await asyncio.wait({pending}, timeout=10)
-                if not done:  # the database is away: unacknowledged, so redelivered later
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pending
+            if inflight:
+                _, late = await asyncio.wait(inflight, timeout=10)
+                for task in late:  # the database is away: unacknowledged, redelivered later
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
+            for slot in range(depth):
+                await self._drop_writer(slot)
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)

@@ -79,6 +79,7 @@ class Outcome:
     outbox_rows: int = 0
     incidents_opened: int = 0
     raised_households: set[str] = field(default_factory=set)
+    confidence_raised: int = 0  # alarms that became high confidence
 
 
 def _ts(ms: int) -> datetime:
@@ -237,7 +238,9 @@ async def fold_rollups(conn: psycopg.AsyncConnection[Any]) -> bool:
 
 
 async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmChange]) -> Outcome:
-    """Open and close alarms (one open per device and rule) and queue their outbox rows."""
+    """Open and close alarms (one open per device and rule) and queue their outbox rows, in
+    the order of the changes; an alarm raised beside an open alarm of the other kind in its
+    household raises both to high confidence (:func:`raise_confidence`)."""
     out = Outcome()
     for c in changes:
         if c.raised:
@@ -289,8 +292,11 @@ async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmCha
             (row[0], "raised" if c.raised else "cleared", orjson.dumps(payload).decode()),
         )
         out.outbox_rows += 1
-        if c.rule == "pressure_low":  # judged change by change: a micro-batch may hold a whole dip
+        # judged change by change: a micro-batch may hold a whole dip or a whole leak
+        if c.rule == "pressure_low":
             out.incidents_opened += await update_district_incidents(cur, {c.district})
+        if c.raised:
+            out.confidence_raised += await raise_confidence(cur, {c.household_id})
     return out
 
 

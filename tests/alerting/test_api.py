@@ -335,8 +335,12 @@ def test_a_change_is_committed_before_the_answer(hotline: Hotline, database: str
         with psycopg.connect(database, autocommit=True) as conn:
             for i in range(40):
                 text = f"note {n}-{i}"
-                assert own.post(f"/api/tickets/{ticket}/notes", json={"text": text}).status_code == 200
-                found = conn.execute("SELECT count(*) FROM ticket_events WHERE detail->>'text' = %s", (text,)).fetchone()
+                assert (
+                    own.post(f"/api/tickets/{ticket}/notes", json={"text": text}).status_code == 200
+                )
+                found = conn.execute(
+                    "SELECT count(*) FROM ticket_events WHERE detail->>'text' = %s", (text,)
+                ).fetchone()
                 if found != (1,):
                     missing.append(text)
 

@@ -33,8 +33,6 @@ def hotline(database: str, tmp_path: Path) -> Iterator[Hotline]:
         yield hotline
 
 
-
-
 def search(page: Page, text: str) -> None:
     page.get_by_test_id("call-search").fill(text)
 

@@ -78,7 +78,9 @@ def test_an_alarms_clear_is_never_applied_before_its_raise_by_another_instance(
     with psycopg.connect(database, autocommit=True) as conn:
         for i in range(1, 31):  # each alarm's clear right behind its raise
             alarm(conn, f"D-{i:04d}", f"H-{i:04d}", "gas_low", "major")
-            alarm_id, payload = conn.execute("SELECT alarm_id, payload FROM alarm_outbox ORDER BY id DESC LIMIT 1").fetchone()  # type: ignore[misc]
+            alarm_id, payload = conn.execute(
+                "SELECT alarm_id, payload FROM alarm_outbox ORDER BY id DESC LIMIT 1"
+            ).fetchone()  # type: ignore[misc]
             conn.execute("INSERT INTO alarm_outbox (alarm_id, event, payload) VALUES (%s, 'cleared', %s)",
                          (alarm_id, psycopg.types.json.Jsonb(payload)))  # fmt: skip
 
@@ -103,4 +105,6 @@ def test_an_alarms_clear_is_never_applied_before_its_raise_by_another_instance(
             "JOIN ticket_events e ON e.ticket_id = t.id GROUP BY t.household_id"
         ).fetchall()
     assert len(kinds) == 30
-    assert all(k == ["opened", "alarm_cleared"] for _, k in kinds), [k for k in kinds if k[1] != ["opened", "alarm_cleared"]]
+    assert all(k == ["opened", "alarm_cleared"] for _, k in kinds), [
+        k for k in kinds if k[1] != ["opened", "alarm_cleared"]
+    ]

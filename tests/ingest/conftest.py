@@ -4,6 +4,7 @@ register simulated devices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ def _admin(statement: str) -> None:
         conn.execute(statement)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """The URL of a new, empty database, dropped after the test."""
+@contextlib.contextmanager
+def new_database(migrated: bool = True) -> Iterator[str]:
+    """The URL of a new database (with the GasGuard schema in stock PostgreSQL mode when
+    ``migrated``), dropped afterwards."""
+    from ingest.storage import migrate
+
     name = f"gasguard_test_{uuid.uuid4().hex[:12]}"
     try:
         _admin(f'CREATE DATABASE "{name}"')
@@ -31,23 +35,31 @@ def empty_database() -> Iterator[str]:
             f"PostgreSQL at {ADMIN_URL} is not reachable (scripts/services starts it): {exc}"
         )
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    async def run() -> None:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            await migrate(conn, "stock")
+
     try:
+        if migrated:
+            asyncio.run(run())
         yield url
     finally:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
-def database(empty_database: str) -> str:
+def empty_database() -> Iterator[str]:
+    """The URL of a new, empty database, dropped after the test."""
+    with new_database(migrated=False) as url:
+        yield url
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
     """A new database with the GasGuard schema (stock PostgreSQL mode)."""
-    from ingest.storage import migrate
-
-    async def run() -> None:
-        async with await psycopg.AsyncConnection.connect(empty_database) as conn:
-            await migrate(conn, "stock")
-
-    asyncio.run(run())
-    return empty_database
+    with new_database() as url:
+        yield url
 
 
 def registry_csv(

@@ -38,7 +38,7 @@ def settings_for(database: str, broker: Broker, **extra: Any) -> IngestSettings:
 
 
 class IngestThread:
-    def __init__(self, settings: IngestSettings) -> None:
+    def __init__(self, settings: IngestSettings, factory: type[Ingest] = Ingest) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.ingest: Ingest | None = None
@@ -48,7 +48,7 @@ class IngestThread:
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            self.ingest = Ingest(settings)
+            self.ingest = factory(settings)
             ready.set()
             await self.ingest.run(self._stop)
 

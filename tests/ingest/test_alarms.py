@@ -4,6 +4,7 @@ outbox rows for the hotline."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,8 +16,9 @@ from firmware_sim.engine import Simulation
 from firmware_sim.mqtt_native import SeqCounter, snapshot_batches
 from firmware_sim.scenario import FleetSpec, Scenario, parse_event
 from gasguard.wire import encode_batch, make_batch, topic
+from ingest.consumer import Ingest
 from tests.conftest import Broker
-from tests.ingest.conftest import register, registry_csv
+from tests.ingest.conftest import new_database, register, registry_csv
 from tests.ingest.harness import IngestThread, publish_all, scalar, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
@@ -212,3 +214,130 @@ def test_a_leak_that_began_before_a_restart_is_still_seen(
         )
     finally:
         second.stop()
+
+
+class Overlapping(Ingest):
+    """The real consumer, counting how many micro-batches were in their transaction at once."""
+
+    most = 0
+    _now = 0
+
+    async def _transaction(self, *args: object, **kwargs: object) -> int:
+        type(self)._now += 1
+        type(self).most = max(type(self).most, type(self)._now)
+        try:
+            return await super()._transaction(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            type(self)._now -= 1
+
+
+def test_overlapping_micro_batches_give_the_alarms_of_one_at_a_time(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    """Micro-batches of two messages, three in flight, with every tenth message delivered
+    twice in a row (the repeat often in the next micro-batch, still uncommitted): the same
+    readings, alarms (raised and cleared at the same readings) and outbox rows, in the same
+    order, as one large micro-batch at a time."""
+    events = [e for e in EVENTS if e.get("at") in ("30m", "1h", "2h")]
+    scenario = Scenario(
+        seed=21,
+        fleet=FleetSpec(detectors=8, meters=8, districts=2),
+        events=tuple(parse_event(e) for e in events),
+    )
+    sim = Simulation(scenario, dt=10.0, start_ms=local_22h_two_days_ago())
+    seq, messages = SeqCounter(), []
+    for _ in range(3 * 60):
+        sim.run_for(60)
+        for b in snapshot_batches(sim, "GW-S", seq, 200):
+            messages.append((topic("GW-S", "telemetry"), encode_batch(b)))
+    with_repeats = [m for i, m in enumerate(messages) for _ in range(2 if i % 10 == 5 else 1)]
+
+    def run(url: str, factory: type[Ingest], **extra: object) -> dict[str, object]:
+        register(url, registry_csv(tmp_path / f"{factory.__name__}.csv", "GW-S", 8, 8, districts=2))
+        ingest = IngestThread(
+            settings_for(url, mosquitto, ingest_silence_every_s=3600, **extra), factory
+        )
+        try:
+            publish_all(mosquitto, with_repeats)
+            wait_for(
+                lambda: scalar(url, "SELECT count(*) FROM ingested_batches") == len(messages),
+                what="all batches",
+            )
+            time.sleep(0.5)  # the last repeats
+        finally:
+            ingest.stop()
+        with psycopg.connect(url) as conn:
+            return {
+                "readings": conn.execute(
+                    "SELECT (SELECT count(*) FROM detector_readings), "
+                    "(SELECT count(*) FROM meter_readings)"
+                ).fetchone(),
+                "alarms": conn.execute(
+                    "SELECT device_id, rule, raised_at, cleared_at, raise_value FROM alarms "
+                    "ORDER BY device_id, rule, raised_at"
+                ).fetchall(),
+                "outbox": conn.execute(
+                    "SELECT a.device_id, a.rule, o.event FROM alarm_outbox o "
+                    "JOIN alarms a ON a.id = o.alarm_id ORDER BY o.id"
+                ).fetchall(),
+            }
+
+    serial = run(database, Ingest, ingest_pipeline=1, ingest_max_messages=1000)
+    with new_database() as other:
+        overlapped = run(other, Overlapping, ingest_pipeline=3, ingest_max_messages=2)
+    assert Overlapping.most >= 2, "the micro-batches never overlapped"
+    assert overlapped["readings"] == serial["readings"]
+    assert {(d, r) for d, r, *_ in serial["alarms"]} >= {  # type: ignore[attr-defined]
+        ("D-0001", "gas_high"),
+        ("M-0002", "burst"),
+    }
+    assert overlapped["alarms"] == serial["alarms"]
+    assert overlapped["outbox"] == serial["outbox"]
+
+
+def test_confidence_is_judged_change_by_change_within_a_micro_batch(
+    database: str, tmp_path: Path
+) -> None:
+    """A burst and a gas alarm open together in a household make both high confidence, even
+    when the burst clears later in the same micro-batch (judged at the end, the pair would
+    never be seen open together)."""
+    from ingest.writer import AlarmChange, write_alarms
+
+    register(database, registry_csv(tmp_path / "r.csv", "GW-C", 1, 1))
+    keys = dict(query_all(database, "SELECT id, key FROM devices"))
+    t = int(time.time() * 1000)
+
+    def change(device: str, rule: str, raised: bool, at: int) -> AlarmChange:
+        return AlarmChange(
+            device_key=keys[device], device_id=device, household_id="H-0001",
+            district="district-1", rule=rule, severity="critical", raised=raised,
+            ts_ms=t + at, value=1.0, test_mode=False,
+        )  # fmt: skip
+
+    async def write() -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(database) as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            changes = [
+                change("M-0001", "burst", True, 0),
+                change("D-0001", "gas_low", True, 1000),
+                change("M-0001", "burst", False, 2000),
+            ]
+            return (await write_alarms(cur, changes)).confidence_raised
+
+    assert asyncio.run(write()) == 2
+    events = query_all(
+        database,
+        "SELECT a.device_id, o.event FROM alarm_outbox o JOIN alarms a ON a.id = o.alarm_id "
+        "ORDER BY o.id",
+    )
+    assert events[:2] == [("M-0001", "raised"), ("D-0001", "raised")]
+    assert sorted(events[2:4]) == [("D-0001", "confidence"), ("M-0001", "confidence")]
+    assert events[4:] == [("M-0001", "cleared")]
+
+
+def query_all(url: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return list(conn.execute(sql).fetchall())

@@ -18,7 +18,9 @@ HOUR = 3_600_000
 T0 = 1_790_000_000_000 // HOUR * HOUR
 
 
-def meters(keys: list[int], ts: list[int], volume: list[float], flow: list[float]) -> dict[str, np.ndarray]:
+def meters(
+    keys: list[int], ts: list[int], volume: list[float], flow: list[float]
+) -> dict[str, np.ndarray]:
     return {"device_key": np.array(keys, np.int32), "ts": np.array(ts, np.int64),
             "volume_m3": np.array(volume), "flow_m3h": np.array(flow, np.float32),
             "pressure_kpa": np.full(len(keys), 2.0, np.float32),
@@ -30,7 +32,12 @@ def test_staged_figures_fold_into_the_hourly_rollups_once(database: str, tmp_pat
 
     async def run() -> tuple[list[tuple[object, ...]], bool, int]:
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            key1, key2 = [r[0] for r in await (await conn.execute("SELECT key FROM devices ORDER BY id")).fetchall()]
+            key1, key2 = [
+                r[0]
+                for r in await (
+                    await conn.execute("SELECT key FROM devices ORDER BY id")
+                ).fetchall()
+            ]
             for batch in (  # three micro-batches, the second spanning two hours
                 meters([key1, key2], [T0 + 1000, T0 + 2000], [10.0, 50.0], [0.5, 1.0]),
                 meters([key1, key1], [T0 + 3000, T0 + HOUR + 10], [10.4, 11.0], [0.9, 0.2]),
@@ -41,7 +48,10 @@ def test_staged_figures_fold_into_the_hourly_rollups_once(database: str, tmp_pat
                 if batch is not None and len(batch["ts"]) == 2 and batch["ts"][1] > T0 + HOUR:
                     assert await fold_rollups(conn)  # a fold between micro-batches
             # another consumer folding right now: this one leaves the rows to it
-            async with await psycopg.AsyncConnection.connect(database) as other, other.transaction():
+            async with (
+                await psycopg.AsyncConnection.connect(database) as other,
+                other.transaction(),
+            ):
                 await other.execute("SELECT pg_advisory_xact_lock(%s)", (FOLD_LOCK,))
                 busy = await fold_rollups(conn)
             assert await fold_rollups(conn)
