@@ -137,6 +137,7 @@ class MqttLink:
         self.failed_attempts = 0  # connection attempts that failed since the link was last up
         self.last_failure = ""
         self.refused_subscriptions: set[str] = set()
+        self.granted: set[str] = set()  # filters the broker granted on this connection
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> topics
         self._callbacks_failed: set[str] = set()
 
@@ -186,7 +187,17 @@ class MqttLink:
                     self._subscribe(client, topic, qos)
             gone = old - {t for t, _ in subscriptions}
             if gone:
-                client.unsubscribe(sorted(gone))
+                self.unsubscribe(gone)
+
+    def unsubscribe(self, topics: set[str] | list[str]) -> None:
+        """Drop filters from the broker's session, also ones this link never subscribed
+        (a persistent session keeps the filters of an earlier run)."""
+        topics = sorted(topics)
+        self._subscriptions = tuple((t, q) for t, q in self._subscriptions if t not in topics)
+        self.granted.difference_update(topics)
+        client = self._client
+        if topics and client is not None and self.connected:
+            client.unsubscribe(topics)
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (manual-ack links)."""
@@ -453,6 +464,7 @@ class MqttLink:
             )
         self.failed_attempts = 0
         self._subscribing.clear()
+        self.granted.clear()
         for topic, qos in self._subscriptions:
             self._subscribe(client, topic, qos)
         if self.options.online is not None:
@@ -486,6 +498,7 @@ class MqttLink:
         for topic, reason in zip(self._subscribing.pop(mid, []), reasons, strict=False):
             if not reason.is_failure:
                 self.refused_subscriptions.discard(topic)
+                self.granted.add(topic)
             elif topic not in self.refused_subscriptions:
                 self.refused_subscriptions.add(topic)
                 log.error(

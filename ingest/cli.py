@@ -26,6 +26,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev_sub = devices.add_subparsers(dest="devices_command", required=True, metavar="COMMAND")
     imp = dev_sub.add_parser("import", help="import gateways, households and devices from CSV")
     imp.add_argument("file", type=Path)
+    imp.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="wait up to S seconds for running ingest consumers to subscribe (default 5)",
+    )
     imp.set_defaults(handler=_import)
 
     ingest = commands.add_parser(
@@ -73,18 +80,41 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from ingest.registry import RegistryError, import_csv
+    import time
 
-    async def main() -> int:
+    from ingest.registry import RegistryError, import_rows, listeners, parse_csv
+
+    async def main() -> tuple[int, dict[str, list[str]]]:
+        try:
+            text = args.file.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise RegistryError(f"{args.file}: {exc.strerror}") from None
+        rows = parse_csv(text, str(args.file))
         conn = await _connect()
         async with conn:  # type: ignore[attr-defined]
-            return await import_csv(conn, args.file)  # type: ignore[arg-type]
+            count = await import_rows(conn, rows)  # type: ignore[arg-type]
+            gateways = sorted({r.gateway_id for r in rows})
+            # running consumers subscribe to new gateways at once: wait a little for them
+            deadline = time.monotonic() + args.wait
+            heard = await listeners(conn, gateways)  # type: ignore[arg-type]
+            while not all(heard.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                heard = await listeners(conn, gateways)  # type: ignore[arg-type]
+            return count, heard
 
     try:
-        count = asyncio.run(main())
+        count, heard = asyncio.run(main())
     except RegistryError as exc:
         raise ValueError(f"nothing imported:\n{exc}") from None
     print(f"imported {count} devices from {args.file}")
+    for gateway, clients in heard.items():
+        if clients:
+            print(f"  {gateway}: heard by ingest ({', '.join(clients)})")
+        else:
+            print(
+                f"  {gateway}: no ingest consumer subscribed yet; switch it on only once one "
+                "is (a sharded consumer hears only the gateways of its registry)"
+            )
     return 0
 
 

@@ -95,6 +95,7 @@ class Ingest:
         # scan between them): detection state and alarms follow the readings' order
         self._order_lock = asyncio.Lock()
         self._stored = 0  # micro-batches handed to _store so far (picks the connection)
+        self._sync_lock = asyncio.Lock()  # one subscription sync at a time
         self._wake = asyncio.Event()
         self._last_state_save = 0.0
         s = settings
@@ -419,11 +420,104 @@ class Ingest:
         async with self._db_lock:
             conn = await self._db()
             registry = await load_registry(conn)
-        before = self._subscriptions()
         self.registry = registry
         self._keys.clear()
-        if self._subscriptions() != before:
-            self.link.update_subscriptions(self._subscriptions())
+        await self.sync_subscriptions()
+
+    async def sync_subscriptions(self) -> None:
+        """Subscribe to this shard's topics and record them once the broker granted them;
+        let go of filters an earlier layout left in the persistent session once the gateways
+        they cover are recorded by their new owner (until then this consumer keeps storing
+        their batches: every reading still once, by batch id, and none unheard)."""
+        async with self._sync_lock:
+            wanted = self._subscriptions()
+            self.link.update_subscriptions(wanted)
+            topics = {t for t, _ in wanted}
+            deadline = time.monotonic() + 10
+            while not topics <= self.link.granted:
+                if time.monotonic() > deadline or not self.link.connected:
+                    return  # the next registry refresh tries again
+                await asyncio.sleep(0.02)
+            me, s = self.link.options.client_id, self.settings
+            async with self._db_lock:
+                conn = await self._db()
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.execute(
+                        "INSERT INTO ingest_subscriptions "
+                        "(client_id, topic, gateway_id, shards, shard) "
+                        "SELECT %s, t, nullif(split_part(t, '/', 3), '+'), %s, %s "
+                        "FROM unnest(%s::text[]) AS t "
+                        "ON CONFLICT (client_id, topic) DO UPDATE "
+                        "SET shards = excluded.shards, shard = excluded.shard "
+                        "WHERE (ingest_subscriptions.shards, ingest_subscriptions.shard) "
+                        "IS DISTINCT FROM (excluded.shards, excluded.shard) "
+                        "RETURNING topic",
+                        (me, s.ingest_shards, s.ingest_shard, sorted(topics)),
+                    )
+                    if await cur.fetchall():  # others may now let go of these gateways
+                        await cur.execute("NOTIFY gasguard_ingest_subscriptions")
+                    await cur.execute(
+                        "SELECT topic FROM ingest_subscriptions "
+                        "WHERE client_id = %s AND NOT topic = ANY(%s)",
+                        (me, sorted(topics)),
+                    )
+                    stale = [str(t) for (t,) in await cur.fetchall()]
+                    await cur.execute(
+                        "SELECT topic FROM ingest_subscriptions WHERE client_id <> %s "
+                        "AND shards = %s AND gateway_id IS NOT NULL",
+                        (me, s.ingest_shards),
+                    )
+                    elsewhere = {str(t) for (t,) in await cur.fetchall()}
+            heard = topics | elsewhere
+            release = []
+            for t in stale:
+                _, _, gw, channel = t.split("/")
+                covers = self.registry.gateways if gw == "+" else {gw}
+                if all(
+                    f"gasguard/v1/+/{channel}" in topics or f"gasguard/v1/{g}/{channel}" in heard
+                    for g in covers
+                ):
+                    release.append(t)
+            if release:
+                self.link.unsubscribe(release)
+                async with self._db_lock:
+                    conn = await self._db()
+                    await conn.execute(
+                        "DELETE FROM ingest_subscriptions WHERE client_id = %s AND topic = ANY(%s)",
+                        (me, release),
+                    )
+                log.info("let go of %d filter(s) of an earlier shard layout", len(release))
+            if len(stale) > len(release):
+                log.warning(
+                    "keeping %d filter(s) of an earlier shard layout until the consumers "
+                    "that now own their gateways subscribe",
+                    len(stale) - len(release),
+                )
+
+    async def _listen(self) -> None:
+        """Registry changes (``gasguard devices import``) and other consumers' subscriptions,
+        at once: a new gateway is subscribed before it is switched on, and a gateway that
+        moved shard is let go of as soon as its new owner listens."""
+        backoff = Backoff(base=1.0, cap=30.0)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.database_url, connect_timeout=5, autocommit=True
+                ) as conn:
+                    await conn.execute("LISTEN gasguard_registry")
+                    await conn.execute("LISTEN gasguard_ingest_subscriptions")
+                    backoff.reset()
+                    await self.link.wait_connected()
+                    await self.refresh_registry()  # what changed while nobody listened
+                    async for note in conn.notifies():
+                        if note.channel == "gasguard_registry":
+                            await self.refresh_registry()
+                        else:
+                            await self.sync_subscriptions()
+            except (psycopg.Error, OSError) as exc:
+                delay = backoff.next()
+                log.warning("registry listener: %s; again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ main loop
 
@@ -438,6 +532,7 @@ class Ingest:
         self.health.start()
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         jobs = [
+            asyncio.create_task(self._listen(), name="registry listener"),
             asyncio.create_task(
                 self._every(self.settings.ingest_silence_every_s, self.silence_scan, stop)
             ),

@@ -177,6 +177,8 @@ async def import_rows(conn: psycopg.AsyncConnection[Any], rows: list[DeviceRow])
             raise RegistryError(
                 f"devices {', '.join(clash)} exist with another kind; nothing imported"
             )
+        # ingest consumers reread the registry (and subscribe to new gateways) on commit
+        await cur.execute("NOTIFY gasguard_registry")
     return len(rows)
 
 
@@ -250,3 +252,21 @@ async def load_registry(conn: psycopg.AsyncConnection[Any]) -> Registry:
     cur = await conn.execute("SELECT id FROM gateways")
     reg.gateways = {str(r[0]) for r in await cur.fetchall()}
     return reg
+
+
+async def listeners(
+    conn: psycopg.AsyncConnection[Any], gateways: list[str]
+) -> dict[str, list[str]]:
+    """The ingest consumers (MQTT client ids) subscribed to each gateway's telemetry, as
+    they recorded it once the broker granted it (see ingest.consumer.sync_subscriptions)."""
+    cur = await conn.execute(
+        "SELECT g, coalesce(array_agg(s.client_id ORDER BY s.client_id) "
+        "FILTER (WHERE s.client_id IS NOT NULL), '{}') "
+        "FROM unnest(%s::text[]) AS g LEFT JOIN ingest_subscriptions s "
+        "ON s.topic IN ('gasguard/v1/' || g || '/telemetry', 'gasguard/v1/+/telemetry') "
+        "GROUP BY g ORDER BY g",
+        (gateways,),
+    )
+    out = {str(g): list(c) for g, c in await cur.fetchall()}
+    await conn.commit()
+    return out

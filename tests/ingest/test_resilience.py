@@ -12,8 +12,10 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from gasguard.wire import decode_batch
 from ingest.consumer import shard_of
 from tests.conftest import ROOT, Broker, free_port
 from tests.ingest.conftest import register, registry_csv
@@ -194,4 +196,108 @@ def test_two_consumers_split_gateways_and_store_everything_once(
             c.stop()
     assert scalar(database, STORED) == r0 + r1
     assert counts == [r0, r1], "each gateway's readings went to its own consumer only"
+    assert scalar(database, "SELECT count(*) FROM dead_letters") == 0
+
+
+def building(tmp_path: Path, gateway: str, n: int) -> tuple[Path, list[tuple[str, bytes]], int]:
+    """A registry file and telemetry for 5 households on ``gateway``, device ids D-n0xx."""
+    csv = registry_csv(tmp_path / f"{gateway}.csv", gateway, 5, 5)
+    csv.write_text(
+        csv.read_text()
+        .replace("D-00", f"D-{n}0")
+        .replace("M-00", f"M-{n}0")
+        .replace("H-00", f"H-{n}0")
+    )
+    messages, readings = fleet_messages(gateway, 5, 10)
+    messages = [
+        (t, p.replace(b'"D-00', f'"D-{n}0'.encode()).replace(b'"M-00', f'"M-{n}0'.encode()))
+        for t, p in messages
+    ]
+    return csv, messages, readings
+
+
+def test_shards_follow_registry_imports_and_hand_over_a_layout_change_without_a_gap(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    """A consumer that ran unsharded (its persistent session holds the wildcard) restarts as
+    shard 0 of 2: it keeps the wildcard, and so the gateways of shard 1, until shard 1's
+    consumer has subscribed; then lets go. A gateway imported while they run is subscribed by
+    its shard at once (no registry polling here), and the import says so."""
+    names = [f"GW-{i}" for i in range(40)]
+    gw0 = next(g for g in names if shard_of(g, 2) == 0)
+    gw1, gw2 = [g for g in names if shard_of(g, 2) == 1][:2]
+    (csv0, m0, r0), (csv1, m1, r1), (csv2, m2, r2) = (
+        building(tmp_path, g, n) for n, g in enumerate((gw0, gw1, gw2), start=1)
+    )
+    register(database, csv0)
+    register(database, csv1)
+    prefix = f"ingest-layout-{uuid.uuid4().hex[:6]}"
+
+    def consumer(shards: int, shard: int) -> IngestThread:
+        return IngestThread(
+            settings_for(
+                database,
+                mosquitto,
+                ingest_client_id=prefix,
+                ingest_shards=shards,
+                ingest_shard=shard,
+                ingest_registry_every_s=3600,
+            )
+        )
+
+    def recorded(client: str) -> set[str]:
+        with psycopg.connect(database) as conn:
+            rows = conn.execute(
+                "SELECT topic FROM ingest_subscriptions WHERE client_id = %s", (client,)
+            ).fetchall()
+        return {str(t) for (t,) in rows}
+
+    wildcard = {"gasguard/v1/+/telemetry", "gasguard/v1/+/alarm"}
+    own0 = {f"gasguard/v1/{gw0}/telemetry", f"gasguard/v1/{gw0}/alarm"}
+    unsharded = consumer(1, 0)
+    try:
+        wait_for(lambda: recorded(f"{prefix}-0") == wildcard, what="wildcard recorded")
+    finally:
+        unsharded.stop()
+
+    shard0 = consumer(2, 0)
+    shard1 = None
+    try:
+        wait_for(lambda: recorded(f"{prefix}-0") == wildcard | own0, what="shard 0 recorded")
+        time.sleep(0.5)
+        assert recorded(f"{prefix}-0") == wildcard | own0, "let go before shard 1 listens"
+        first = m1[: len(m1) // 2]
+        publish_all(mosquitto, first)  # nobody owns gw1 yet: shard 0 hears it on the wildcard
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM ingested_batches") == len(first),
+            what="gw1's first half",
+        )
+        shard1 = consumer(2, 1)
+        wait_for(lambda: recorded(f"{prefix}-0") == own0, what="shard 0 lets go of the wildcard")
+
+        out = subprocess.run(
+            [sys.executable, "-m", "gasguard.cli", "devices", "import", str(csv2), "--wait", "10"],
+            cwd=ROOT,
+            env={**os.environ, "GASGUARD_DATABASE_URL": database},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert f"{gw2}: heard by ingest ({prefix}-1)" in out, out
+        publish_all(mosquitto, m1[len(m1) // 2 :] + m0 + m2)
+        total = len(m0) + len(m1) + len(m2)
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM ingested_batches") == total,
+            what="every batch",
+        )
+        time.sleep(0.5)
+        counts = [c.ingest.health.readings._value.get() for c in (shard0, shard1)]  # type: ignore[union-attr]
+    finally:
+        shard0.stop()
+        if shard1 is not None:
+            shard1.stop()
+    first_readings = sum(len(decode_batch(p)) for _, p in first)
+    assert scalar(database, STORED) == r0 + r1 + r2
+    assert counts == [r0 + first_readings, r1 - first_readings + r2]
     assert scalar(database, "SELECT count(*) FROM dead_letters") == 0
