@@ -41,6 +41,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ing_sub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="COMMAND")
     run = ing_sub.add_parser("run", help="consume until Ctrl-C")
     run.set_defaults(handler=_run)
+    forget = ing_sub.add_parser(
+        "forget",
+        help="discard a removed consumer's broker session and its recorded subscriptions",
+        description="After lowering GASGUARD_INGEST_SHARDS, once the remaining consumers run "
+        "with the new count: discard the session of a consumer that no longer runs (e.g. "
+        "gasguard-ingest-2), which would otherwise keep collecting copies of its old "
+        "gateways' batches in the broker for a week.",
+    )
+    forget.add_argument("client_id", help="the removed consumer's MQTT client id")
+    forget.set_defaults(handler=_forget)
 
 
 async def _connect() -> object:
@@ -135,4 +145,54 @@ def _run(args: argparse.Namespace) -> int:
 
     run(main())  # on uvloop when installed
     print("ingest stopped.")
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from gasguard.mqtt_link import MqttLink, MqttOptions
+    from ingest.settings import IngestSettings
+
+    settings = IngestSettings()
+
+    async def main() -> int:
+        link = MqttLink(
+            MqttOptions(
+                host=settings.mqtt_host,
+                port=settings.mqtt_port,
+                username=settings.mqtt_username,
+                password=(
+                    settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+                ),
+                tls=settings.mqtt_tls,
+                protocol=settings.mqtt_protocol,
+                client_id=args.client_id,
+                clean_start=True,  # the broker discards the session it kept for this id
+                session_expiry_s=0,
+            )
+        )
+        task = asyncio.create_task(link.run())
+        try:
+            if not await link.wait_connected(15):
+                raise ValueError(
+                    f"cannot reach the MQTT broker {settings.mqtt_host}:{settings.mqtt_port}: "
+                    f"{link.last_failure or 'no answer'}"
+                )
+        finally:
+            await link.stop(send_offline=False)
+            task.cancel()
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.database_url, connect_timeout=10
+            ) as conn:
+                cur = await conn.execute(
+                    "DELETE FROM ingest_subscriptions WHERE client_id = %s", (args.client_id,)
+                )
+                return cur.rowcount
+        except psycopg.OperationalError as exc:
+            raise ValueError(f"cannot connect to the database: {exc}") from None
+
+    rows = asyncio.run(main())
+    print(f"discarded the broker session of {args.client_id} and {rows} recorded subscription(s)")
     return 0

@@ -472,7 +472,8 @@ class Ingest:
             release = []
             for t in stale:
                 _, _, gw, channel = t.split("/")
-                covers = self.registry.gateways if gw == "+" else {gw}
+                # a gateway gone from the registry is not consumed by anyone any more
+                covers = self.registry.gateways if gw == "+" else {gw} & self.registry.gateways
                 if all(
                     f"gasguard/v1/+/{channel}" in topics or f"gasguard/v1/{g}/{channel}" in heard
                     for g in covers

@@ -12,8 +12,12 @@ import time
 import uuid
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gasguard.wire import decode_batch
 from ingest.consumer import shard_of
@@ -301,3 +305,39 @@ def test_shards_follow_registry_imports_and_hand_over_a_layout_change_without_a_
     assert scalar(database, STORED) == r0 + r1 + r2
     assert counts == [r0 + first_readings, r1 - first_readings + r2]
     assert scalar(database, "SELECT count(*) FROM dead_letters") == 0
+
+    # shard 1 is removed for good: its session and records go, nothing else
+    env = {
+        **os.environ,
+        "GASGUARD_DATABASE_URL": database,
+        "GASGUARD_MQTT_PORT": str(mosquitto.port),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "gasguard.cli", "ingest", "forget", f"{prefix}-1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "4 recorded subscription(s)" in out, out
+    assert recorded(f"{prefix}-1") == set() and recorded(f"{prefix}-0") == own0
+    assert not session_present(mosquitto, f"{prefix}-1")
+    assert session_present(mosquitto, f"{prefix}-0")
+
+
+def session_present(broker: Broker, client_id: str) -> bool:
+    """Whether the broker kept a session for ``client_id`` (connecting to look keeps it)."""
+    seen: list[bool] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, u, flags, rc, props: seen.append(flags.session_present)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    client.connect(broker.host, broker.port, clean_start=False, properties=props)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        client.loop(0.05)
+    client.disconnect()
+    assert seen, "no CONNACK"
+    return seen[0]
