@@ -106,8 +106,8 @@ def _sensor_fault(
     fault: BoolArray,
 ) -> None:
     """SENSOR_FAULT: fault or end-of-life flag, CH4 out of range (or missing), or stuck:
-    identical CH4 on ``stuck_samples`` readings spanning ``stuck_ms`` (a live sensor has
-    noise)."""
+    identical CH4 above ``stuck_above_lel`` on ``stuck_samples`` readings spanning
+    ``stuck_ms`` (a live sensor has noise; clean air may read a steady 0)."""
     dev, last = b.dev, b.last
     same_run, began = run_began(b.sg, ch4 == prev_ch4, np.maximum(st.same_n[dev] - 1, 0))
     same_n = same_run + 1
@@ -116,7 +116,7 @@ def _sensor_fault(
     m = np.flatnonzero(same_run > 0)
     began = began[m]
     start[m] = np.where(began >= 0, prev_ts[np.maximum(began, 0)], st.same_ts[b.idx[m]])
-    stuck = (same_n >= p.stuck_samples) & (b.ts - start >= p.stuck_ms)
+    stuck = (same_n >= p.stuck_samples) & (b.ts - start >= p.stuck_ms) & (ch4 > p.stuck_above_lel)
     bad = fault | ~((ch4 >= p.ch4_min) & (ch4 <= p.ch4_max)) | stuck
     ok_run = run_lengths(b.sg, ~bad, st.sf_ok[dev])
     b.switch(Rule.SENSOR_FAULT, bad, ok_run >= p.fault_clear_samples, ch4)

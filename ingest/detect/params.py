@@ -61,6 +61,9 @@ class DetectorParams:
     ch4_max: float = 101.0
     stuck_samples: int = 30  # identical CH4 on this many readings ...
     stuck_ms: int = 15 * MINUTE_MS  # ... spanning at least this long is a stuck sensor
+    # ... above this CH4: clean air reads a steady 0 (or a steady small value) on sensors
+    # with a coarse resolution, which is not a fault
+    stuck_above_lel: float = 1.0
     fault_clear_samples: int = 2
     expected_interval_ms: float = 60_000.0
     expected_interval_ms_by_device: FloatArray | None = None

@@ -117,11 +117,18 @@ def test_sensor_fault_on_flags_and_out_of_range_values() -> None:
 
 def test_stuck_value_needs_thirty_identical_readings_over_fifteen_minutes() -> None:
     # one a minute: the 30th identical reading spans 29 minutes
-    cols = stream([0.3] + [0.7] * 30 + [0.8, 0.9])
+    cols = stream([0.3] + [1.7] * 30 + [1.8, 1.9])
     assert run(cols, Rule.SENSOR_FAULT) == [(30, True), (32, False)]
     # every 20 s: 30 readings span under 10 minutes; the 46th reaches 15 minutes
-    cols = stream([0.7] * 50, dt=20_000)
+    cols = stream([1.7] * 50, dt=20_000)
     assert run(cols, Rule.SENSOR_FAULT, dt=20_000) == [(45, True)]
+
+
+def test_clean_air_reading_a_steady_zero_is_not_a_stuck_sensor() -> None:
+    # coarse sensors read 0 (or a steady small value) for hours in clean air
+    assert run(stream([0.0] * 120), Rule.SENSOR_FAULT) == []
+    assert run(stream([1.0] * 120), Rule.SENSOR_FAULT) == []
+    assert run(stream([1.1] * 40), Rule.SENSOR_FAULT) == [(29, True)]
 
 
 def test_stuck_value_across_batches() -> None:
@@ -129,7 +136,7 @@ def test_stuck_value_across_batches() -> None:
     events = []
     for start in range(0, 40, 7):
         chunk = range(start, min(start + 7, 40))
-        cols = stream([0.7] * len(chunk), ts=[T0 + MIN * i for i in chunk])
+        cols = stream([1.7] * len(chunk), ts=[T0 + MIN * i for i in chunk])
         ev, state = detect_detectors(cols, DetectorParams(), state)
         events += [((t - T0) // MIN, up) for _, t, r, up, _ in ev.rows() if r == Rule.SENSOR_FAULT]
     assert events == [(29, True)]

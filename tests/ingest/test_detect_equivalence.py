@@ -50,6 +50,7 @@ def detector_params(variant: int, rng: np.random.Generator) -> DetectorParams:
         rise_per_min=3.0,
         stuck_samples=8,
         stuck_ms=4 * MINUTE_MS,
+        stuck_above_lel=0.3,  # the streams' clean air (about 0.4) can be stuck too
         fault_clear_samples=3,
     )
 

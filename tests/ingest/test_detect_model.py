@@ -138,7 +138,9 @@ class Reference:
         else:
             d.same_n, d.same_ts = 1, ts
         assert d.same_ts is not None
-        stuck = d.same_n >= p.stuck_samples and ts - d.same_ts >= p.stuck_ms
+        stuck = (
+            d.same_n >= p.stuck_samples and ts - d.same_ts >= p.stuck_ms and x > p.stuck_above_lel
+        )
         in_range = p.ch4_min <= x <= p.ch4_max
         bad = r.get("fault", False) or r.get("eol", False) or not in_range or stuck
         d.sf_ok = 0 if bad else d.sf_ok + 1
