@@ -287,6 +287,8 @@ class Gateway:
             self.config.spool_path,
             self.spool.stats().batches,
         )
+        for warning in self.config.warnings():
+            log.warning("%s", warning)
         stopped = asyncio.create_task(stop.wait(), name="stop")
         failed: asyncio.Task[None] | None = None
         error: BaseException | None = None

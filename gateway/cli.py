@@ -63,6 +63,8 @@ def _check(args: argparse.Namespace) -> int:
     print(
         f"config {args.config}: valid; gateway {config.gateway_id}, {len(config.devices)} devices"
     )
+    for warning in config.warnings():
+        print(f"warning: {warning}")
     rows = asyncio.run(_check_devices(config, profiles, args.wait))
     print(f"{'device':<12} {'kind':<9} {'address':<32} {'state':<8} {'ms':>6}  values / error")
     for r in rows:

@@ -150,6 +150,19 @@ class GatewayConfig(_Model):
     metrics: MetricsConfig = MetricsConfig()
     devices: tuple[Device, ...] = Field(min_length=1)
 
+    def warnings(self) -> list[str]:
+        """What is allowed but probably wrong (printed by ``check``, logged at start)."""
+        out = []
+        user = self.broker.username
+        if user is not None and user != self.gateway_id:
+            out.append(
+                f"[broker] username {user!r} is not the gateway_id {self.gateway_id!r}: "
+                "GasGuard's broker ACL (deploy/mosquitto/acl) lets a gateway publish only "
+                "under its own user name, so the broker would refuse every batch (Mosquitto "
+                "then drops the connection, and the gateway keeps reconnecting and spooling)"
+            )
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:
         try:

@@ -66,6 +66,14 @@ def test_a_good_config_loads_with_its_profiles(tmp_path: Path) -> None:
     assert profiles["D-WIFI"].name == "mqtt-wifi-detector"
     assert config.spool_path == Path("var/gateway/GW-0001/spool.sqlite")
 
+    assert config.warnings() == []
+
+
+def test_a_broker_user_other_than_the_gateway_id_is_warned_about(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, OK.replace('username = "GW-0001"', 'username = "gw1"')))
+    (warning,) = config.warnings()
+    assert "username 'gw1' is not the gateway_id 'GW-0001'" in warning and "ACL" in warning
+
 
 BAD = [
     (OK.replace('transport = "tcp"', 'transport = "zigbee"'),
