@@ -556,7 +556,7 @@ class Ingest:
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )
-        # micro-batches in flight: the newest decodes and COPYs while the one before commits
+        # micro-batches in flight: the newer ones decode and COPY while the oldest commits
         inflight: deque[asyncio.Task[None]] = deque()
         depth = len(self._writers)
         try:

@@ -16,7 +16,7 @@ class IngestSettings(CommonSettings):
     ingest_max_messages: int = Field(250, ge=1, le=100_000)  # bounds the wait of an alarm
     ingest_max_wait_ms: int = Field(50, ge=0, le=60_000)
     # micro-batches in flight, one database connection each (1: strictly one at a time)
-    ingest_pipeline: int = Field(2, ge=1, le=8)
+    ingest_pipeline: int = Field(3, ge=1, le=8)
     ingest_receive_maximum: int = Field(2000, ge=1, le=65535)
     ingest_metrics_port: int = Field(9109, ge=0, le=65535)
     ingest_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container
