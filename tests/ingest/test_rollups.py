@@ -4,6 +4,7 @@ and folded into the hourly rollups later, exactly once, one folder at a time."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,57 @@ def test_staged_figures_fold_into_the_hourly_rollups_once(database: str, tmp_pat
         (k1, HOUR, 11.0, 11.0, 0.0, pytest.approx(0.2), 1),
         (k2, 0, 50.0, 50.2, pytest.approx(0.2), 1.0, 2),  # a missing flow does not count as one
     ]
+
+
+def test_usage_counts_what_flows_between_hours_also_for_a_meter_reporting_hourly(
+    database: str, tmp_path: Path
+) -> None:
+    """meter_usage: an hour's use runs from the previous hour's last reading (within the
+    lookback), so a meter with one reading an hour shows its use, not zero; and the days of
+    district_daily add up the same way."""
+    register(database, registry_csv(tmp_path / "r.csv", "GW-1", 0, 2))
+
+    async def run() -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], object]:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            key1, key2 = [
+                r[0]
+                for r in await (
+                    await conn.execute("SELECT key FROM devices ORDER BY id")
+                ).fetchall()
+            ]
+            hourly = [T0 + h * HOUR + 60_000 for h in range(4)]  # one reading an hour
+            async with conn.transaction(), conn.cursor() as cur:
+                await stage_rollups(cur, "meter", meters(
+                    [key1] * 4 + [key2] * 3,
+                    [*hourly, T0 + 1000, T0 + 2000, T0 + 3 * HOUR],  # key2: a 3-hour gap
+                    [100.0, 100.5, 101.5, 101.6, 7.0, 7.25, 8.0],
+                    [0.0] * 7,
+                ))  # fmt: skip
+            assert await fold_rollups(conn)
+            start = datetime.fromtimestamp(T0 / 1000, UTC)
+            usage = await (await conn.execute(
+                "SELECT device_key, extract(epoch FROM bucket)::bigint * 1000 - %s, "
+                "consumption_m3 FROM meter_usage(%s, %s) ORDER BY 1, 2",
+                (T0, start, start + timedelta(hours=5)),
+            )).fetchall()  # fmt: skip
+            later = await (await conn.execute(
+                "SELECT device_key, consumption_m3 FROM meter_usage(%s, %s) ORDER BY 1",
+                (start + timedelta(hours=2), start + timedelta(hours=5)),
+            )).fetchall()  # fmt: skip
+            daily = await (await conn.execute(
+                "SELECT sum(consumption_m3) FROM district_daily")).fetchone()  # fmt: skip
+            return usage, later, daily[0] if daily else None
+
+    usage, later, daily = asyncio.run(run())
+    k1, k2 = usage[0][0], usage[-1][0]
+    assert usage == [
+        (k1, 0, 0.0),  # no earlier reading: within the hour only
+        (k1, HOUR, pytest.approx(0.5)),
+        (k1, 2 * HOUR, pytest.approx(1.0)),
+        (k1, 3 * HOUR, pytest.approx(0.1)),
+        (k2, 0, pytest.approx(0.25)),
+        (k2, 3 * HOUR, pytest.approx(0.75)),  # the gap's use lands on the next reading's hour
+    ]
+    # a range that starts later still looks back for the reading before it
+    assert later == [(k1, pytest.approx(1.0)), (k1, pytest.approx(0.1)), (k2, pytest.approx(0.75))]
+    assert daily == pytest.approx(1.6 + 1.0)
