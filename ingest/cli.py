@@ -92,14 +92,10 @@ def _migrate(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     import time
 
-    from ingest.registry import RegistryError, import_rows, listeners, parse_csv
+    from ingest.registry import RegistryError, import_rows, listeners, read_csv
 
     async def main() -> tuple[int, dict[str, list[str]]]:
-        try:
-            text = args.file.read_text(encoding="utf-8-sig")
-        except OSError as exc:
-            raise RegistryError(f"{args.file}: {exc.strerror}") from None
-        rows = parse_csv(text, str(args.file))
+        rows = read_csv(args.file)
         conn = await _connect()
         async with conn:  # type: ignore[attr-defined]
             count = await import_rows(conn, rows)  # type: ignore[arg-type]

@@ -182,12 +182,17 @@ async def import_rows(conn: psycopg.AsyncConnection[Any], rows: list[DeviceRow])
     return len(rows)
 
 
-async def import_csv(conn: psycopg.AsyncConnection[Any], path: Path) -> int:
+def read_csv(path: Path) -> list[DeviceRow]:
+    """The rows of a registry file, every one checked (RegistryError names line and field)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise RegistryError(f"{path}: {exc.strerror}") from None
-    return await import_rows(conn, parse_csv(text, str(path)))
+    return parse_csv(text, str(path))
+
+
+async def import_csv(conn: psycopg.AsyncConnection[Any], path: Path) -> int:
+    return await import_rows(conn, read_csv(path))
 
 
 @dataclass

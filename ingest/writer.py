@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,7 +78,6 @@ class Outcome:
     alarms_cleared: int = 0
     outbox_rows: int = 0
     incidents_opened: int = 0
-    raised_households: set[str] = field(default_factory=set)
     confidence_raised: int = 0  # alarms that became high confidence
 
 
@@ -265,7 +264,6 @@ async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmCha
             if row is None:
                 continue  # already open (e.g. raised again after a restart)
             out.alarms_raised += 1
-            out.raised_households.add(c.household_id)
         else:
             await cur.execute(
                 "UPDATE alarms SET cleared_at = %s, clear_value = %s WHERE device_key = %s "
