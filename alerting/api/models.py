@@ -154,6 +154,11 @@ class ValveRequestedOut(BaseModel):
     command_id: str
 
 
+class ActionRuleOut(BaseModel):
+    starts: list[str]  # the ticket states the action is allowed in
+    leads_to: str
+
+
 class HouseholdOut(BaseModel):
     id: str
     district: str

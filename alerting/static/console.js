@@ -169,6 +169,7 @@ async function signedIn(me) {
   user = me;
   const next = new URLSearchParams(location.search).get("next");
   if (next === "/report") { location.assign(next); return; }
+  try { await loadActionRules(); } catch (err) { say(err.message, "error"); }
   $("#whoami").textContent = `${me.display_name} (${words(me.role)})`;
   $("#login").hidden = true;
   $("#console").hidden = false;
@@ -340,13 +341,19 @@ function ticketRow(t) {
 }
 
 /* ---------------------------------------------------------------- actions */
+// `from` (the states an action is allowed in) comes from the server's own table at sign-in
 const ACTIONS = [
-  { key: "ack", path: "acknowledge", label: "Acknowledge", from: ["new"] },
-  { key: "dispatch", path: "dispatch", label: "Dispatch…", from: ["new", "acknowledged"], ask: askDispatch },
-  { key: "onsite", path: "on-site", label: "On site", from: ["dispatched"] },
-  { key: "resolve", path: "resolve", label: "Resolve", from: ["acknowledged", "dispatched", "on_site"] },
-  { key: "cancel", path: "cancel", label: "Cancel…", from: OPEN, ask: askCancel, danger: true },
+  { key: "ack", path: "acknowledge", label: "Acknowledge", from: [] },
+  { key: "dispatch", path: "dispatch", label: "Dispatch…", from: [], ask: askDispatch },
+  { key: "onsite", path: "on-site", label: "On site", from: [] },
+  { key: "resolve", path: "resolve", label: "Resolve", from: [] },
+  { key: "cancel", path: "cancel", label: "Cancel…", from: [], ask: askCancel, danger: true },
 ];
+
+async function loadActionRules() {
+  const rules = await api("GET", "/api/tickets/actions");
+  for (const a of ACTIONS) a.from = rules[a.path.replace("-", "_")]?.starts ?? [];
+}
 
 function actionButtons(t) {
   const buttons = ACTIONS.map((a) => {

@@ -47,7 +47,8 @@ def test_anonymous_requests_get_401(hotline: Hotline) -> None:
     anonymous = hotline.client(None)
     for method, path in [("GET", "/api/tickets"), ("GET", "/api/tickets/1"), ("POST", "/api/tickets/1/acknowledge"),
                          ("GET", "/api/households?q=Test"), ("GET", "/api/reports/today"), ("GET", "/api/events"),
-                         ("GET", "/api/users"), ("GET", "/api/auth/me")]:  # fmt: skip
+                         ("GET", "/api/users"), ("GET", "/api/auth/me"),
+                         ("GET", "/api/tickets/actions")]:  # fmt: skip
         assert anonymous.request(method, path).status_code == 401, (method, path)
     wrong = httpx.post(
         f"{hotline.url}/api/auth/login", json={"username": "dispatcher", "password": "nope-nope"}
@@ -350,3 +351,15 @@ def test_a_change_is_committed_before_the_answer(hotline: Hotline, database: str
     for t in threads:
         t.join()
     assert not missing, f"answered but not yet committed: {missing[:5]} ({len(missing)} in all)"
+
+
+def test_the_action_rules_are_the_ones_the_server_enforces(hotline: Hotline) -> None:
+    from alerting.tickets import TRANSITIONS
+
+    rules = hotline.client("technician").get("/api/tickets/actions")
+    assert rules.status_code == 200
+    assert rules.json() == {
+        action: {"starts": list(starts), "leads_to": target}
+        for action, (starts, target, _) in TRANSITIONS.items()
+    }
+    assert rules.json()["acknowledge"] == {"starts": ["new"], "leads_to": "acknowledged"}

@@ -12,6 +12,7 @@ from alerting import tickets
 from alerting.api.deps import Conn, need
 from alerting.api.models import (
     ActionIn,
+    ActionRuleOut,
     CallTicketIn,
     CreatedOut,
     EvidenceOut,
@@ -93,6 +94,22 @@ async def create_ticket(
         await audit(cur, user.username, "ticket.join" if joined else "ticket.create",
                     f"ticket:{ticket_id}", body.model_dump(exclude_none=True))  # fmt: skip
     return {"id": ticket_id, "joined": joined, "ticket": await _summary(conn, ticket_id)}
+
+
+@router.get(
+    "/actions",
+    response_model=dict[str, ActionRuleOut],
+    responses={401: ERRORS[401], 403: ERRORS[403]},
+)
+async def action_rules(
+    _user: Annotated[User, Depends(need("tickets.read"))],
+) -> dict[str, dict[str, Any]]:
+    """The life-cycle actions: the states each is allowed in and the state it leads to (the
+    console enables its buttons by this table, the one the server enforces)."""
+    return {
+        action: {"starts": list(starts), "leads_to": target}
+        for action, (starts, target, _) in tickets.TRANSITIONS.items()
+    }
 
 
 @router.get("/{ticket_id}", response_model=TicketDetailOut, responses=ERRORS)
