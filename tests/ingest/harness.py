@@ -62,13 +62,20 @@ class IngestThread:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         assert ready.wait(10), "ingest did not start"
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.error is None:
-            if self.ingest is not None and self.ingest.link.connected:
+            # subscribed: the broker granted the filters (before that it drops what comes)
+            if self.ingest is not None and self.subscribed():
                 break
             time.sleep(0.05)
         assert self.error is None, self.error
-        time.sleep(0.3)  # subscriptions acknowledged
+        assert self.subscribed(), "ingest did not subscribe"
+
+    def subscribed(self) -> bool:
+        ingest = self.ingest
+        if ingest is None or not ingest.link.connected:
+            return False
+        return {t for t, _ in ingest._subscriptions()} <= ingest.link.granted
 
     def call(self, fn: Callable[[], T]) -> T:
         return call_in_loop(self.loop, fn)

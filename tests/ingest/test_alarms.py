@@ -74,23 +74,30 @@ def local_22h_two_days_ago() -> int:
     return int((day - timedelta(hours=8)).timestamp() * 1000)
 
 
-def test_every_scenario_event_raises_its_alarm_and_clears_it(
-    database: str, mosquitto: Broker, tmp_path: Path
-) -> None:
-    register(database, registry_csv(tmp_path / "r.csv", "GW-S", 8, 8, districts=2))
+def scenario_messages(events: list[dict[str, object]], hours: int) -> list[tuple[str, bytes]]:
+    """GW-S's telemetry (8 households in 2 districts, a reading a minute) for ``hours`` of
+    the scenario with ``events``, starting 22:00 local two days ago."""
     scenario = Scenario(
         seed=21,
         fleet=FleetSpec(detectors=8, meters=8, districts=2),
-        events=tuple(parse_event(e) for e in EVENTS),
+        events=tuple(parse_event(e) for e in events),
     )
     sim = Simulation(scenario, dt=10.0, start_ms=local_22h_two_days_ago())
     seq, messages = SeqCounter(), []
-    for _ in range(14 * 60):  # 14 hours, a reading a minute
+    for _ in range(hours * 60):
         sim.run_for(60)
         messages += [
             (topic("GW-S", "telemetry"), encode_batch(b))
             for b in snapshot_batches(sim, "GW-S", seq, 200)
         ]
+    return messages
+
+
+def test_every_scenario_event_raises_its_alarm_and_clears_it(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-S", 8, 8, districts=2))
+    messages = scenario_messages(EVENTS, hours=14)
     # the past timeline would look silent to the wall clock: no silence scan in this test
     ingest = IngestThread(settings_for(database, mosquitto, ingest_silence_every_s=3600))
     try:
@@ -239,28 +246,19 @@ def test_overlapping_micro_batches_give_the_alarms_of_one_at_a_time(
     readings, alarms (raised and cleared at the same readings) and outbox rows, in the same
     order, as one large micro-batch at a time."""
     events = [e for e in EVENTS if e.get("at") in ("30m", "1h", "2h")]
-    scenario = Scenario(
-        seed=21,
-        fleet=FleetSpec(detectors=8, meters=8, districts=2),
-        events=tuple(parse_event(e) for e in events),
-    )
-    sim = Simulation(scenario, dt=10.0, start_ms=local_22h_two_days_ago())
-    seq, messages = SeqCounter(), []
-    for _ in range(3 * 60):
-        sim.run_for(60)
-        for b in snapshot_batches(sim, "GW-S", seq, 200):
-            messages.append((topic("GW-S", "telemetry"), encode_batch(b)))
+    messages = scenario_messages(events, hours=3)
     with_repeats = [m for i, m in enumerate(messages) for _ in range(2 if i % 10 == 5 else 1)]
 
     def run(url: str, factory: type[Ingest], **extra: object) -> dict[str, object]:
         register(url, registry_csv(tmp_path / f"{factory.__name__}.csv", "GW-S", 8, 8, districts=2))
-        ingest = IngestThread(
-            settings_for(url, mosquitto, ingest_silence_every_s=3600, **extra), factory
-        )
+        settings = settings_for(url, mosquitto, ingest_silence_every_s=3600, **extra)
+        IngestThread(settings, factory).stop()  # its persistent session is subscribed ...
+        publish_all(mosquitto, with_repeats)  # ... and holds the whole stream when it is back
+        ingest = IngestThread(settings, factory)
         try:
-            publish_all(mosquitto, with_repeats)
             wait_for(
                 lambda: scalar(url, "SELECT count(*) FROM ingested_batches") == len(messages),
+                timeout=120,
                 what="all batches",
             )
             time.sleep(0.5)  # the last repeats

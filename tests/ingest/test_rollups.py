@@ -28,17 +28,17 @@ def meters(
             "comm_lost": np.zeros(len(keys), bool)}  # fmt: skip
 
 
+async def device_keys(conn: psycopg.AsyncConnection[object]) -> list[int]:
+    cur = await conn.execute("SELECT key FROM devices ORDER BY id")
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
 def test_staged_figures_fold_into_the_hourly_rollups_once(database: str, tmp_path: Path) -> None:
     register(database, registry_csv(tmp_path / "r.csv", "GW-1", 0, 2))
 
     async def run() -> tuple[list[tuple[object, ...]], bool, int]:
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            key1, key2 = [
-                r[0]
-                for r in await (
-                    await conn.execute("SELECT key FROM devices ORDER BY id")
-                ).fetchall()
-            ]
+            key1, key2 = await device_keys(conn)
             for batch in (  # three micro-batches, the second spanning two hours
                 meters([key1, key2], [T0 + 1000, T0 + 2000], [10.0, 50.0], [0.5, 1.0]),
                 meters([key1, key1], [T0 + 3000, T0 + HOUR + 10], [10.4, 11.0], [0.9, 0.2]),
@@ -84,12 +84,7 @@ def test_usage_counts_what_flows_between_hours_also_for_a_meter_reporting_hourly
 
     async def run() -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], object]:
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            key1, key2 = [
-                r[0]
-                for r in await (
-                    await conn.execute("SELECT key FROM devices ORDER BY id")
-                ).fetchall()
-            ]
+            key1, key2 = await device_keys(conn)
             hourly = [T0 + h * HOUR + 60_000 for h in range(4)]  # one reading an hour
             async with conn.transaction(), conn.cursor() as cur:
                 await stage_rollups(cur, "meter", meters(
