@@ -95,6 +95,7 @@ class Ingest:
         # scan between them): detection state and alarms follow the readings' order
         self._order_lock = asyncio.Lock()
         self._stored = 0  # micro-batches handed to _store so far (picks the connection)
+        self._inflight_ids: dict[int, set[tuple[str, int]]] = {}  # batch ids in flight
         self._sync_lock = asyncio.Lock()  # one subscription sync at a time
         self._wake = asyncio.Event()
         self._last_state_save = 0.0
@@ -272,11 +273,40 @@ class Ingest:
     ) -> None:
         """Commit one micro-batch (after ``previous``, the micro-batch before it, has
         committed), then acknowledge its messages. Retries while the database is away."""
-        slot = self._stored % len(self._writers)
+        token = self._stored
+        slot = token % len(self._writers)
         self._stored += 1
+        # A batch id that an earlier micro-batch in flight also holds is that one's to store:
+        # claiming it here too could wait on that one's row lock while that one waits for this
+        # one (their claims can reach the database in either order), a deadlock no database
+        # sees. The earlier one commits first, or neither does.
+        ids = {(a.batch.gw, a.batch.seq) for a in accepted}
+        theirs = {i for i in ids if any(i in other for other in self._inflight_ids.values())}
+        self._inflight_ids[token] = ids
+        try:
+            readings = await self._retrying(slot, accepted, dead, previous, theirs)
+        finally:
+            del self._inflight_ids[token]
+        self._ack(messages)
+        self.health.readings.inc(readings)
+        self.health.batch_done(
+            messages=len(messages),
+            dead=len(dead),
+            latency_s=time.monotonic() - started,
+            newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
+        )
+
+    async def _retrying(
+        self,
+        slot: int,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+        previous: asyncio.Future[None] | None,
+        theirs: set[tuple[str, int]],
+    ) -> int:
         while True:
             try:
-                readings = await self._transaction(slot, accepted, dead, previous)
+                readings = await self._transaction(slot, accepted, dead, previous, theirs)
                 break
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.health.db_errors.inc()
@@ -289,14 +319,7 @@ class Ingest:
                 await self._drop_writer(slot)
                 await asyncio.sleep(delay)
         self._db_backoff.reset()
-        self._ack(messages)
-        self.health.readings.inc(readings)
-        self.health.batch_done(
-            messages=len(messages),
-            dead=len(dead),
-            latency_s=time.monotonic() - started,
-            newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
-        )
+        return readings
 
     async def _transaction(
         self,
@@ -304,6 +327,7 @@ class Ingest:
         accepted: list[Accepted],
         dead: list[DeadLetter],
         previous: asyncio.Future[None] | None,
+        theirs: set[tuple[str, int]],
     ) -> int:
         """One micro-batch in one transaction; returns the readings stored.
 
@@ -315,7 +339,8 @@ class Ingest:
         conn = await self._writer(slot)
         unique: dict[tuple[str, int], Accepted] = {}
         for a in accepted:  # a batch and its redelivery can share one micro-batch
-            unique.setdefault((a.batch.gw, a.batch.seq), a)
+            if (a.batch.gw, a.batch.seq) not in theirs:
+                unique.setdefault((a.batch.gw, a.batch.seq), a)
         self.health.duplicates.inc(len(accepted) - len(unique))
         accepted = list(unique.values())
         ids = [(a.batch.gw, a.batch.seq, len(a.batch)) for a in accepted]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from firmware_sim.engine import Simulation
 from firmware_sim.mqtt_native import SeqCounter, snapshot_batches
 from firmware_sim.scenario import FleetSpec, Scenario
 from gasguard.wire import encode_batch, make_batch, topic
+from ingest.consumer import Ingest
 from tests.conftest import Broker
 from tests.ingest.conftest import register, registry_csv
 from tests.ingest.harness import IngestThread, publish_all, scalar, settings_for, wait_for
@@ -162,3 +164,46 @@ def test_bad_messages_go_to_dead_letters_and_good_ones_are_still_stored(
     ), reasons
     payload = scalar(database, "SELECT payload FROM dead_letters ORDER BY id LIMIT 1")
     assert bytes(payload) == b"\x00\xffnot json", "the raw payload is kept"
+
+
+class SlowFirst(Ingest):
+    """The real consumer, whose first micro-batch is slow to reach the database (as one whose
+    connection is still being opened): the next one's claim of the batch ids gets there first."""
+
+    calls = 0
+
+    async def _transaction(self, *args: object, **kwargs: object) -> int:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            await asyncio.sleep(0.5)
+        return await super()._transaction(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_batch_repeated_in_the_next_micro_batch_in_flight_is_stored_once_without_a_deadlock(
+    database: str, mosquitto: Broker, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-A", 5, 5))
+    messages, readings = fleet_messages("GW-A", 5, 2)
+    settings = settings_for(database, mosquitto, ingest_max_messages=1, ingest_pipeline=2)
+    IngestThread(settings, SlowFirst).stop()  # its persistent session holds what comes next
+    SlowFirst.calls = 0
+    publish_all(mosquitto, [messages[0], *messages])  # the first one twice, back to back
+    ingest = IngestThread(settings, SlowFirst)
+    try:
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM ingested_batches") == len(messages),
+            timeout=20,
+            what="every batch (the first two micro-batches must not wait on each other)",
+        )
+        time.sleep(0.5)
+        duplicates = ingest.ingest.health.duplicates._value.get()  # type: ignore[union-attr]
+    finally:
+        ingest.stop()
+    assert (
+        scalar(
+            database,
+            "SELECT (SELECT count(*) FROM detector_readings) + (SELECT count(*) FROM meter_readings)",
+        )
+        == readings
+    )
+    assert duplicates == 1

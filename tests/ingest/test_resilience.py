@@ -61,7 +61,20 @@ def test_consumer_killed_mid_stream_stores_every_reading_exactly_once(
     log = tmp_path / "consumer.log"
     first = consumer_process(database, mosquitto, client_id, log)
     try:
-        wait_for(lambda: "consuming from" in log.read_text(), timeout=30, what="consumer up")
+        # subscribed (the broker granted it, the consumer recorded it): before that, the
+        # broker would drop what the publisher sends
+        wait_for(
+            lambda: (
+                scalar(
+                    database,
+                    "SELECT count(*) FROM ingest_subscriptions WHERE client_id = %s",
+                    (f"{client_id}-0",),
+                )
+                == 2
+            ),
+            timeout=30,
+            what="consumer subscribed",
+        )
         publisher = threading.Thread(target=publish_all, args=(mosquitto, messages))
         publisher.start()
         wait_for(lambda: (scalar(database, STORED) or 0) > 0, timeout=60, what="some stored")
