@@ -334,8 +334,9 @@ class Ingest:
         Two phases, so that micro-batches overlap on their own connections: the readings
         (batch ids, COPY, staged rollups) go in while the micro-batch before is still being
         written; detection, alarms and the commit wait until that one has committed, and run
-        one micro-batch at a time. A redelivered batch id waits on the earlier uncommitted
-        one (a row lock) and then counts as a duplicate."""
+        one micro-batch at a time. A batch id that an earlier micro-batch in flight holds
+        (``theirs``) is left to it; one that another consumer has claimed but not committed
+        waits on its row lock and then counts as a duplicate."""
         conn = await self._writer(slot)
         unique: dict[tuple[str, int], Accepted] = {}
         for a in accepted:  # a batch and its redelivery can share one micro-batch
