@@ -25,7 +25,6 @@ from alerting.outbox import Policy
 from alerting.service import Escalator, OutboxWorker
 from alerting.settings import HotlineSettings
 from gasguard import __version__
-from gasguard.mqtt_link import MqttOptions
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +139,7 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
         return lambda: None
     from alerting.valve import ValveBridge
 
-    options = MqttOptions(
-        host=settings.mqtt_host,
-        port=settings.mqtt_port,
-        username=settings.mqtt_username,
-        password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
-        tls=settings.mqtt_tls,
-        protocol=settings.mqtt_protocol,
-    )
+    options = settings.mqtt_options()
     bridge = ValveBridge(
         settings.database_url,
         options,

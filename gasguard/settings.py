@@ -7,10 +7,13 @@ placeholders outside development.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from gasguard.mqtt_link import MqttOptions
 
 _PLACEHOLDERS = {"", "changeme", "change-me", "secret", "password"}
 
@@ -40,6 +43,20 @@ class CommonSettings(BaseSettings):
                     "GASGUARD_MQTT_PASSWORD is empty or a placeholder; set a real secret"
                 )
         return self
+
+    def mqtt_options(self, **extra: Any) -> MqttOptions:
+        """The broker's address and credentials from these settings, plus ``extra``."""
+        from gasguard.mqtt_link import MqttOptions
+
+        return MqttOptions(
+            host=self.mqtt_host,
+            port=self.mqtt_port,
+            username=self.mqtt_username,
+            password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
+            tls=self.mqtt_tls,
+            protocol=self.mqtt_protocol,
+            **extra,
+        )
 
 
 class SimSettings(CommonSettings):

@@ -147,22 +147,14 @@ def _run(args: argparse.Namespace) -> int:
 def _forget(args: argparse.Namespace) -> int:
     import psycopg
 
-    from gasguard.mqtt_link import MqttLink, MqttOptions
+    from gasguard.mqtt_link import MqttLink
     from ingest.settings import IngestSettings
 
     settings = IngestSettings()
 
     async def main() -> int:
         link = MqttLink(
-            MqttOptions(
-                host=settings.mqtt_host,
-                port=settings.mqtt_port,
-                username=settings.mqtt_username,
-                password=(
-                    settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-                ),
-                tls=settings.mqtt_tls,
-                protocol=settings.mqtt_protocol,
+            settings.mqtt_options(
                 client_id=args.client_id,
                 clean_start=True,  # the broker discards the session it kept for this id
                 session_expiry_s=0,

@@ -25,7 +25,7 @@ import psycopg
 
 from gasguard.backoff import Backoff
 from gasguard.fields import FIELDS, KINDS, Kind
-from gasguard.mqtt_link import MqttLink, MqttOptions
+from gasguard.mqtt_link import MqttLink
 from gasguard.wire import Batch, WireError, decode_batch
 from ingest.detection import Detection, Thresholds
 from ingest.health import Health
@@ -101,13 +101,7 @@ class Ingest:
         self._last_state_save = 0.0
         s = settings
         self.link = MqttLink(
-            MqttOptions(
-                host=s.mqtt_host,
-                port=s.mqtt_port,
-                username=s.mqtt_username,
-                password=s.mqtt_password.get_secret_value() if s.mqtt_password else None,
-                tls=s.mqtt_tls,
-                protocol=s.mqtt_protocol,
+            s.mqtt_options(
                 client_id=f"{s.ingest_client_id}-{s.ingest_shard}",
                 clean_start=False,
                 session_expiry_s=7 * 86400,
@@ -284,9 +278,25 @@ class Ingest:
         theirs = {i for i in ids if any(i in other for other in self._inflight_ids.values())}
         self._inflight_ids[token] = ids
         try:
-            readings = await self._retrying(slot, accepted, dead, previous, theirs)
+            while True:
+                try:
+                    readings = await self._transaction(slot, accepted, dead, previous, theirs)
+                    break
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    self.health.db_errors.inc()
+                    delay = self._db_backoff.next()
+                    log.error(
+                        "database write failed (%s); nothing acknowledged, retrying in %.1f s",
+                        str(exc).strip().splitlines()[0]
+                        if str(exc).strip()
+                        else type(exc).__name__,
+                        delay,
+                    )
+                    await self._drop_writer(slot)
+                    await asyncio.sleep(delay)
         finally:
             del self._inflight_ids[token]
+        self._db_backoff.reset()
         self._ack(messages)
         self.health.readings.inc(readings)
         self.health.batch_done(
@@ -295,31 +305,6 @@ class Ingest:
             latency_s=time.monotonic() - started,
             newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
         )
-
-    async def _retrying(
-        self,
-        slot: int,
-        accepted: list[Accepted],
-        dead: list[DeadLetter],
-        previous: asyncio.Future[None] | None,
-        theirs: set[tuple[str, int]],
-    ) -> int:
-        while True:
-            try:
-                readings = await self._transaction(slot, accepted, dead, previous, theirs)
-                break
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                self.health.db_errors.inc()
-                delay = self._db_backoff.next()
-                log.error(
-                    "database write failed (%s); nothing acknowledged, retrying in %.1f s",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                    delay,
-                )
-                await self._drop_writer(slot)
-                await asyncio.sleep(delay)
-        self._db_backoff.reset()
-        return readings
 
     async def _transaction(
         self,
