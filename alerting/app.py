@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 
@@ -21,9 +21,11 @@ from alerting.api.models import HealthOut
 from alerting.api.routes import admin, alarms, auth, households, live, pages, reports
 from alerting.api.routes import tickets as ticket_routes
 from alerting.live import Feed
+from alerting.metrics import CONTENT_TYPE_LATEST, prometheus_text
 from alerting.outbox import Policy
-from alerting.service import Escalator, OutboxWorker
+from alerting.service import Escalator, OutboxWorker, Supervisor
 from alerting.settings import HotlineSettings
+from alerting.unreadable import failed_rows
 from gasguard import __version__
 
 log = logging.getLogger(__name__)
@@ -45,21 +47,14 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
                 return await tickets.summaries(conn, ticket_ids)
 
         tasks: list[asyncio.Task[None]] = []
+        supervisor: Supervisor = app.state.supervisor
 
-        def report_crash(task: asyncio.Task[None]) -> None:
-            """A background task runs until the app stops; if one dies, say so loudly (and
-            the health check reports the service degraded)."""
-            if not task.cancelled() and task.exception() is not None:
-                log.critical("hotline task %s stopped: %r", task.get_name(), task.exception(),
-                             exc_info=task.exception())  # fmt: skip
-                app.state.crashed.append(task.get_name())
+        def start(name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            """A background task, kept running by the supervisor until the app stops."""
+            tasks.append(asyncio.create_task(supervisor.keep(name, factory), name=name))
 
-        def start(name: str, coro: Coroutine[Any, Any, None]) -> None:
-            task = asyncio.create_task(coro, name=name)
-            task.add_done_callback(report_crash)
-            tasks.append(task)
-
-        wake_valve = _start_valve(settings, start)
+        app.state.valve_bridge = bridge = _start_valve(settings, start)
+        wake_valve = bridge.wake if bridge is not None else lambda: None
         app.state.wake_valve = wake_valve
         outbox = OutboxWorker(
             settings.database_url,
@@ -71,12 +66,13 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
         )  # fmt: skip
         feed = Feed(settings.database_url, describe, outbox.wake)
         app.state.feed, app.state.outbox = feed, outbox
-        start("live-feed", feed.run())
-        start("outbox", outbox.run())
+        start("live-feed", feed.run)
+        start("outbox", outbox.run)
         escalator = Escalator(
             settings.database_url, settings.hotline_ack_minutes, settings.hotline_escalate_every_s
         )
-        start("escalation", escalator.run())
+        app.state.escalator = escalator
+        start("escalation", escalator.run)
         app.state.webhook = _start_webhook(settings, start)
         log.info("hotline %s serving (database %s)", settings.hotline_instance,
                  settings.database_url.rsplit("@", 1)[-1])  # fmt: skip
@@ -95,7 +91,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.crashed = []
+    app.state.supervisor = Supervisor()
     app.state.webhook = None
     for module in (auth, ticket_routes, alarms, households, reports, admin, live, pages):
         app.include_router(module.router)
@@ -123,20 +119,30 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
             log.debug("health: database check failed: %s", exc)
             database = False
         feed: Feed = request.app.state.feed
-        crashed = request.app.state.crashed
-        healthy = database and feed.listening.is_set() and not crashed
+        down = sorted(request.app.state.supervisor.down)
+        failed: list[int] = []
+        if database:
+            async with request.app.state.pool.connection(timeout=2.0) as conn:
+                failed = [r["id"] for r in await failed_rows(conn, limit=20, since_hours=24)]
+        healthy = database and feed.listening.is_set() and not down
         body = {"status": "ok" if healthy else "degraded", "database": database,
                 "live_feed": feed.listening.is_set(), "consoles": feed.subscribers,
-                "stopped_tasks": crashed}  # fmt: skip
+                "stopped_tasks": down, "task_restarts": request.app.state.supervisor.restarts,
+                "failed_outbox_rows": failed}  # fmt: skip
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text: the background tasks' counters (rows, failures, restarts)."""
+        return PlainTextResponse(prometheus_text(request.app.state), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 def _start_valve(settings: HotlineSettings, start: Any) -> Any:
-    """The valve bridge (MQTT commands to gateways); returns its wake-up call."""
+    """The valve bridge (MQTT commands to gateways), when enabled."""
     if not settings.hotline_valve_enabled:
-        return lambda: None
+        return None
     from alerting.valve import ValveBridge
 
     options = settings.mqtt_options()
@@ -147,8 +153,8 @@ def _start_valve(settings: HotlineSettings, start: Any) -> Any:
         timeout_s=settings.hotline_valve_timeout_s,
         expiry_s=settings.hotline_valve_expiry_s,
     )
-    start("valve", bridge.run())
-    return bridge.wake
+    start("valve", bridge.run)
+    return bridge
 
 
 def _start_webhook(settings: HotlineSettings, start: Any) -> Any:
@@ -163,5 +169,5 @@ def _start_webhook(settings: HotlineSettings, start: Any) -> Any:
         settings.hotline_webhook_secret.get_secret_value(),
         timeout_s=settings.hotline_webhook_timeout_s,
     )
-    start("webhook", sender.run())
+    start("webhook", sender.run)
     return sender

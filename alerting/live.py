@@ -67,6 +67,7 @@ class Feed:
         self._subscribers: set[Subscription] = set()
         self.listening = asyncio.Event()
         self.events = 0
+        self.errors = 0  # announcements or summaries that could not be handled
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self._queue_size)
@@ -81,13 +82,20 @@ class Feed:
         return len(self._subscribers)
 
     async def run(self) -> None:
-        publisher = asyncio.create_task(self._publish(), name="live-feed-publisher")
+        """Listen and publish until cancelled; should either stop, so does this (raising what
+        stopped it), for the supervisor to start the feed again."""
+        parts = {asyncio.create_task(self._listen(), name="live-feed-listener"),
+                 asyncio.create_task(self._publish(), name="live-feed-publisher")}  # fmt: skip
         try:
-            await self._listen()
+            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+            for part in done:
+                part.result()
+            raise RuntimeError("live feed stopped")
         finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            self.listening.clear()
+            for part in parts:
+                part.cancel()
+            await asyncio.gather(*parts, return_exceptions=True)
 
     async def _listen(self) -> None:
         backoff = Backoff(base=0.2, cap=10.0)
@@ -108,7 +116,10 @@ class Feed:
                     if self._outbox_wake is not None:
                         self._outbox_wake.set()
                     async for note in conn.notifies():
-                        self._handle(note.channel, note.payload)
+                        try:
+                            self._handle(note.channel, note.payload)
+                        except Exception as exc:  # one odd announcement: count it, go on
+                            self._event_failed(f"announcement {note.payload[:200]!r}", exc)
             except psycopg.OperationalError as exc:
                 self.listening.clear()
                 if not failing:
@@ -123,7 +134,9 @@ class Feed:
             return
         self.events += 1
         if self._subscribers:
-            self._pending.append(orjson.loads(payload))
+            event = orjson.loads(payload)
+            _ticket_id(event)  # a malformed announcement stops here, not in the publisher
+            self._pending.append(event)
             self._arrived.set()
 
     async def _publish(self) -> None:
@@ -133,16 +146,31 @@ class Feed:
             self._arrived.clear()
             events, self._pending = self._pending, []
             try:
-                tickets = await self._describe(sorted({int(e["ticket"]) for e in events}))
+                tickets = await self._describe(sorted({_ticket_id(e) for e in events}))
             except psycopg.OperationalError as exc:
                 log.error("live feed: cannot read ticket summaries: %s", exc)
                 self._broadcast(RESYNC)  # the consoles reload once the database is back
                 await asyncio.sleep(backoff.next())
                 continue
+            except Exception as exc:  # a bug on these events: the consoles reload, we go on
+                self._event_failed(f"{len(events)} event(s) from id {events[0].get('id')}", exc)
+                self._broadcast(RESYNC)
+                continue
             backoff.reset()
             for event in events:
-                self._broadcast({"event": event, "ticket": tickets.get(int(event["ticket"]))})
+                self._broadcast({"event": event, "ticket": tickets.get(_ticket_id(event))})
+
+    def _event_failed(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        log.error("live feed: %s could not be handled (%d so far): %s: %s", what, self.errors,
+                  type(exc).__name__, exc, exc_info=self.errors == 1)  # fmt: skip
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for sub in list(self._subscribers):
             sub.offer(message)
+
+
+def _ticket_id(event: Any) -> int:
+    if not isinstance(event, dict):
+        raise TypeError(f"a ticket event is a JSON object, got {type(event).__name__}")
+    return int(event["ticket"])

@@ -4,8 +4,13 @@ Rows are taken with ``FOR UPDATE SKIP LOCKED``; each row's effect on the tickets
 ``done_at`` are written in one transaction, so every alarm makes its effect exactly once,
 across restarts and with several service instances. One open ticket per (household, cause):
 a repeat appends an event to it and counts; a clear is recorded on it; a confirmation from a
-second device raises its priority. (Issue 5's first slice: storms, silences, escalation,
-the API and the console build on this.)
+second device raises its priority.
+
+Each row is applied inside its own savepoint: a row that cannot be applied as designed (an
+unknown rule, a field of the wrong type, a household that is gone, a bug) is rolled back alone,
+marked failed with its error and handed to :mod:`alerting.unreadable`, which opens (or adds to)
+a ticket holding the raw payload so that a person looks at it. The rows after it go on. Only a
+lost connection (``OperationalError``) ends the batch, to be taken again after reconnecting.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import orjson
 import psycopg
 
 from alerting.tickets import insert_ticket, silenced
+from alerting.unreadable import OutboxRow, ticket_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,12 @@ class Taken:
     opened: int = 0
     appended: int = 0
     incidents: int = 0
+    failed: list[int] = field(default_factory=list)  # outbox ids ticketed as unreadable
     valve_commands: list[str] = field(default_factory=list)
+
+
+class UnknownRuleError(ValueError):
+    """An outbox row names a rule that has no route to a ticket (a newer ingest, or a bug)."""
 
 
 async def take_outbox(
@@ -70,7 +81,7 @@ async def take_outbox(
         # events keep their order: a row waits while an earlier row of its alarm is pending
         # (perhaps locked by another instance right now).
         await cur.execute(
-            "SELECT o.id, o.alarm_id, o.event, o.payload FROM alarm_outbox o "
+            "SELECT o.id, o.alarm_id, o.event, o.payload, o.payload::text FROM alarm_outbox o "
             "WHERE o.done_at IS NULL AND NOT EXISTS (SELECT 1 FROM alarm_outbox p "
             "WHERE p.alarm_id = o.alarm_id AND p.id < o.id AND p.done_at IS NULL) "
             "ORDER BY (o.payload->>'severity' = 'critical') IS NOT TRUE, o.id "
@@ -78,44 +89,46 @@ async def take_outbox(
             (limit,),
         )
         rows = await cur.fetchall()
-        for outbox_id, alarm_id, event, payload in rows:
-            opened = await _apply(
-                cur,
-                outbox_id=int(outbox_id),
-                alarm_id=int(alarm_id),
-                event=str(event),
-                payload=payload,
-                policy=policy,
-                taken=taken,
-            )
+        applied = []
+        for outbox_id, alarm_id, event, payload, raw in rows:
+            row = OutboxRow(int(outbox_id), int(alarm_id), str(event), payload, str(raw))
             taken.rows += 1
+            try:
+                async with conn.transaction():  # a savepoint: a failing row rolls back alone
+                    opened = await _apply(cur, row, policy, taken)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise  # the connection, not the row: the whole batch is taken again
+            except Exception as exc:  # any row, whatever it holds, ends with a person looking
+                expected = isinstance(exc, UnknownRuleError | TypeError | psycopg.Error)
+                log.error("outbox row %d (alarm %d) could not be applied: %s: %s; ticketed for "
+                          "a person", row.id, row.alarm_id, type(exc).__name__, exc,
+                          exc_info=not expected)  # fmt: skip
+                await _fail(cur, row, exc)
+                taken.failed.append(row.id)
+                continue
+            applied.append(row.id)
             taken.opened += opened
             taken.appended += not opened
-        if rows:
+        if applied:
             await cur.execute(
-                "UPDATE alarm_outbox SET done_at = now() WHERE id = ANY(%s)",
-                ([int(r[0]) for r in rows],),
+                "UPDATE alarm_outbox SET done_at = now() WHERE id = ANY(%s)", (applied,)
             )
     return taken
 
 
-async def _apply(
-    cur: psycopg.AsyncCursor[Any],
-    *,
-    outbox_id: int,
-    alarm_id: int,
-    event: str,
-    payload: dict[str, Any],
-    policy: Policy,
-    taken: Taken,
-) -> bool:
-    """One outbox row's effect; True when it opened a ticket."""
-    rule = str(payload.get("rule"))
-    cause, category, if_critical, otherwise = RULES.get(
-        rule, ("other", "inspection", "normal", "low")
-    )
+async def _apply(cur: psycopg.AsyncCursor[Any], item: OutboxRow, policy: Policy,
+                 taken: Taken) -> bool:  # fmt: skip
+    """One outbox row's effect; True when it opened a ticket. Raises on a row that does not
+    read as designed (the caller tickets it as unreadable)."""
+    outbox_id, alarm_id, event, payload = item.id, item.alarm_id, item.event, item.payload
+    if not isinstance(payload, dict):
+        raise TypeError(f"the payload is a JSON {type(payload).__name__}, not an object")
+    rule = _rule(payload)
+    if rule is None or rule not in RULES:
+        raise UnknownRuleError(f"rule {payload.get('rule')!r} has no route to a ticket")
+    cause, category, if_critical, otherwise = RULES[rule]
     household = payload.get("household")
-    detail = orjson.dumps(payload).decode()
+    detail = item.raw  # the stored JSON as PostgreSQL reads it back (any number it could store)
     if event == "cleared":  # half the traffic: one statement
         await cur.execute(
             """
@@ -145,7 +158,7 @@ async def _apply(
     priority = if_critical if payload.get("severity") == "critical" else otherwise
     test = False
     if row is None and event == "raised":
-        test = bool(payload.get("test")) or await silenced(cur, household, payload.get("device"))
+        test = payload.get("test") is True or await silenced(cur, household, payload.get("device"))
         ticket = await insert_ticket(
             cur, category=category, priority=priority, cause=cause, source="alarm",
             owner=SYSTEM_OWNER, household_id=household, device_id=payload.get("device"),
@@ -209,6 +222,31 @@ async def _apply(
         if command:
             taken.valve_commands.append(command)
     return opened
+
+
+async def _fail(cur: psycopg.AsyncCursor[Any], row: OutboxRow, exc: Exception) -> None:
+    """A row that could not be applied: ticketed as unreadable. Should even that fail, the row
+    is still marked failed (never taken again, never blocking its alarm's later rows): the
+    console and /health list it, without a ticket."""
+    try:
+        async with cur.connection.transaction():
+            route = RULES.get(_rule(row.payload) or "")
+            await ticket_unreadable(cur, row, exc, SYSTEM_OWNER, route)
+    except (psycopg.OperationalError, psycopg.InterfaceError):
+        raise
+    except Exception as second:
+        log.critical("outbox row %d could not be ticketed either: %r", row.id, second,
+                     exc_info=second)  # fmt: skip
+        reason = f"{type(exc).__name__}: {exc}; no ticket: {type(second).__name__}: {second}"
+        await cur.execute(
+            "UPDATE alarm_outbox SET done_at = now(), failed_at = now(), error = %s WHERE id = %s",
+            (reason.replace("\x00", "")[:1000], row.id),
+        )
+
+
+def _rule(payload: Any) -> str | None:
+    rule = payload.get("rule") if isinstance(payload, dict) else None
+    return rule if isinstance(rule, str) else None
 
 
 async def _group_storm(

@@ -143,19 +143,16 @@ class ValveBridge:
         self.timeout_s = timeout_s
         self.expiry_s = expiry_s
         self.poll_s = poll_s
-        self.link = MqttLink(
-            replace(
-                mqtt_options,
-                client_id=mqtt_options.client_id or f"gasguard-hotline-valve-{instance}",
-                clean_start=False,  # results sent while we are away wait for us
-                session_expiry_s=mqtt_options.session_expiry_s or 86400,
-                manual_ack=True,  # acknowledged once recorded
-                subscriptions=((RESULT_TOPIC, 1),),
-            )
+        self._link_options = replace(
+            mqtt_options,
+            client_id=mqtt_options.client_id or f"gasguard-hotline-valve-{instance}",
+            clean_start=False,  # results sent while we are away wait for us
+            session_expiry_s=mqtt_options.session_expiry_s or 86400,
+            manual_ack=True,  # acknowledged once recorded
+            subscriptions=((RESULT_TOPIC, 1),),
         )
-        self.link.on_message = self._on_message
-        self.link.on_published = self._on_published
-        self.link.on_disconnected = self._on_disconnected
+        self.link = self._new_link()
+        self._runs = 0
         self.sent = 0
         self.done = 0
         self.failed = 0
@@ -167,12 +164,26 @@ class ValveBridge:
         self._db_backoff = Backoff(base=0.5, cap=15.0)
         self._db_down = False
 
+    def _new_link(self) -> MqttLink:
+        link = MqttLink(self._link_options)
+        link.on_message = self._on_message
+        link.on_published = self._on_published
+        link.on_disconnected = self._on_disconnected
+        return link
+
     def wake(self) -> None:
         """Send now: call after committing a :func:`request_valve` (from the loop's thread)."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Connect to the broker and the database and work until cancelled (once per bridge)."""
+        """Connect to the broker and the database and work until cancelled. Run again after it
+        stopped, it starts on a new connection: results not yet recorded come again (they were
+        never acknowledged)."""
+        if self._runs:
+            self.link = self._new_link()
+            self._results.clear()
+            self._pubacks.clear()
+        self._runs += 1
         link_task = asyncio.create_task(self.link.run())
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
@@ -306,8 +317,10 @@ class ValveBridge:
             result = self._results[0]
             try:
                 await self._record(conn, result)
-            except psycopg.DataError as exc:  # storable by no retry: count, log once, go on
-                self._reject(result, f"cannot be stored: {exc}")
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise  # the connection: the result stays first in line
+            except Exception as exc:  # recordable by no retry: count, log once, go on
+                self._reject(result, f"cannot be recorded: {type(exc).__name__}: {exc}")
             self._results.popleft()
             if result.qos and result.generation == self.link.connects and self.link.connected:
                 self.link.ack(result.mid, result.qos)

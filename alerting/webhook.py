@@ -40,9 +40,9 @@ from functools import partial
 from typing import Any
 
 import httpx
-import orjson
 import psycopg
 
+from alerting.jsontext import dumps
 from gasguard.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,12 @@ class WebhookSender:
         while True:
             events = await self._next_events(conn)
             for event in events:
-                await self._deliver(conn, http, event)
+                try:
+                    await self._deliver(conn, http, event)
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    raise
+                except Exception as exc:  # this event cannot be sent: skip it, send the next
+                    await self._skip_broken(conn, event, exc)
             if len(events) < self.batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -234,8 +239,26 @@ class WebhookSender:
                         now - gap.seen_at, start, end - 1)  # fmt: skip
         return False
 
+    async def _skip_broken(
+        self, conn: psycopg.AsyncConnection[Any], event: dict[str, Any], exc: Exception
+    ) -> None:
+        """An event that could not be sent at all (a bug, not the receiver): recorded as
+        skipped with the error, and the cursor moves past it."""
+        event_id = int(event["event_id"])
+        error = f"not sent: {type(exc).__name__}: {exc}".replace("\x00", "")[:500]
+        log.error("webhook: event %d %s; skipped", event_id, error, exc_info=exc)
+        values = {"id": event_id, "ok": False, "refused": True, "status": None,
+                  "error": error, "limit": 1}  # fmt: skip
+        async with conn.transaction():
+            await conn.execute(_RECORD, values)
+            await conn.execute(
+                "UPDATE webhook_cursor SET last_event_id = %s, updated_at = now()", (event_id,)
+            )
+        self.cursor, self.last_error = event_id, f"event {event_id}: {error}"
+        self.skipped += 1
+
     async def _post(self, http: httpx.AsyncClient, event: dict[str, Any]) -> tuple[int | None, str]:
-        body = orjson.dumps(event)
+        body = dumps(event)
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

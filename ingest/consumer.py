@@ -15,8 +15,9 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -201,55 +202,52 @@ class Ingest:
         """Decode and check each message; what fails goes to dead letters with the reason."""
         accepted, dead = [], []
         for m in messages:
-            parts = m.topic.split("/")
-            topic_gw = parts[2] if len(parts) == 4 else None
             try:
-                batch = decode_batch(m.payload)
-            except WireError as exc:
-                dead.append(DeadLetter(m.topic, m.payload, exc.field, exc.reason))
-                continue
-            if batch.gw != topic_gw:
-                dead.append(
-                    DeadLetter(
-                        m.topic,
-                        m.payload,
-                        "gw",
-                        f"payload is from {batch.gw!r}, topic from {topic_gw!r}",
-                    )
-                )
-                continue
-            oldest, keep_days = int(batch.ts.min()), self.settings.ingest_retention_days
-            if oldest < time.time() * 1000 - keep_days * DAY_MS:
-                reason = f"timestamp {oldest} ms is older than the {keep_days}-day retention"
-                dead.append(DeadLetter(m.topic, m.payload, "ts", reason))
-                continue
-            if batch.gw not in self.registry.gateways:
-                dead.append(DeadLetter(m.topic, m.payload, "gw", f"unknown gateway {batch.gw!r}"))
-                continue
-            cache_key = (batch.gw, batch.kind, tuple(batch.dev.tolist()))
-            cached = self._keys.get(cache_key)
-            if cached is not None:  # gateways send the same device lists again and again
-                accepted.append(Accepted(m, batch, cached))
-                continue
-            keys = np.empty(len(batch), dtype=np.int64)
-            problem = None
-            for i, dev in enumerate(cache_key[2]):
-                info = self.registry.by_id.get(dev)
-                if info is None or info.gateway_id != batch.gw:
-                    problem = f"device {dev!r} is not registered to gateway {batch.gw!r}"
-                    break
-                if info.kind != batch.kind:
-                    problem = f"device {dev!r} is a {info.kind}, the batch says {batch.kind}"
-                    break
-                keys[i] = info.key
-            if problem:
-                dead.append(DeadLetter(m.topic, m.payload, "dev", problem))
-                continue
-            if len(self._keys) > 100_000:
-                self._keys.clear()
-            self._keys[cache_key] = keys
-            accepted.append(Accepted(m, batch, keys))
+                outcome = self._accept_one(m)
+            except Exception as exc:  # a decoder surprise: this message only, with the reason
+                log.exception("message on %s could not be decoded", m.topic)
+                reason = f"ingest could not decode this batch: {type(exc).__name__}: {exc}"
+                outcome = DeadLetter(m.topic, m.payload, None, reason[:1000])
+            if isinstance(outcome, DeadLetter):
+                dead.append(outcome)
+            else:
+                accepted.append(outcome)
         return accepted, dead
+
+    def _accept_one(self, m: Message) -> Accepted | DeadLetter:
+        parts = m.topic.split("/")
+        topic_gw = parts[2] if len(parts) == 4 else None
+        try:
+            batch = decode_batch(m.payload)
+        except WireError as exc:
+            return DeadLetter(m.topic, m.payload, exc.field, exc.reason)
+        if batch.gw != topic_gw:
+            reason = f"payload is from {batch.gw!r}, topic from {topic_gw!r}"
+            return DeadLetter(m.topic, m.payload, "gw", reason)
+        oldest, keep_days = int(batch.ts.min()), self.settings.ingest_retention_days
+        if oldest < time.time() * 1000 - keep_days * DAY_MS:
+            reason = f"timestamp {oldest} ms is older than the {keep_days}-day retention"
+            return DeadLetter(m.topic, m.payload, "ts", reason)
+        if batch.gw not in self.registry.gateways:
+            return DeadLetter(m.topic, m.payload, "gw", f"unknown gateway {batch.gw!r}")
+        cache_key = (batch.gw, batch.kind, tuple(batch.dev.tolist()))
+        cached = self._keys.get(cache_key)
+        if cached is not None:  # gateways send the same device lists again and again
+            return Accepted(m, batch, cached)
+        keys = np.empty(len(batch), dtype=np.int64)
+        for i, dev in enumerate(cache_key[2]):
+            info = self.registry.by_id.get(dev)
+            if info is None or info.gateway_id != batch.gw:
+                problem = f"device {dev!r} is not registered to gateway {batch.gw!r}"
+                return DeadLetter(m.topic, m.payload, "dev", problem)
+            if info.kind != batch.kind:
+                problem = f"device {dev!r} is a {info.kind}, the batch says {batch.kind}"
+                return DeadLetter(m.topic, m.payload, "dev", problem)
+            keys[i] = info.key
+        if len(self._keys) > 100_000:
+            self._keys.clear()
+        self._keys[cache_key] = keys
+        return Accepted(m, batch, keys)
 
     async def process(self, messages: Sequence[Message]) -> None:
         """Store a micro-batch in one transaction (retrying while the database is away)."""
@@ -278,22 +276,14 @@ class Ingest:
         theirs = {i for i in ids if any(i in other for other in self._inflight_ids.values())}
         self._inflight_ids[token] = ids
         try:
-            while True:
-                try:
-                    readings = await self._transaction(slot, accepted, dead, previous, theirs)
-                    break
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    self.health.db_errors.inc()
-                    delay = self._db_backoff.next()
-                    log.error(
-                        "database write failed (%s); nothing acknowledged, retrying in %.1f s",
-                        str(exc).strip().splitlines()[0]
-                        if str(exc).strip()
-                        else type(exc).__name__,
-                        delay,
-                    )
-                    await self._drop_writer(slot)
-                    await asyncio.sleep(delay)
+            try:
+                readings = await self._retrying(
+                    slot, lambda: self._transaction(slot, accepted, dead, previous, theirs)
+                )
+            except Exception as exc:  # a surprise in this micro-batch: never stops the consumer
+                readings = await self._one_by_one(
+                    slot, accepted, dead, previous=previous, theirs=theirs, error=exc
+                )
         finally:
             del self._inflight_ids[token]
         self._db_backoff.reset()
@@ -305,6 +295,60 @@ class Ingest:
             latency_s=time.monotonic() - started,
             newest_ms=max((int(a.batch.ts.max()) for a in accepted), default=None),
         )
+
+    async def _retrying(self, slot: int, attempt: Callable[[], Awaitable[int]]) -> int:
+        """``attempt()`` until it gets through, while the database is away (backoff)."""
+        while True:
+            try:
+                return await attempt()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self.health.db_errors.inc()
+                delay = self._db_backoff.next()
+                log.error(
+                    "database write failed (%s); nothing acknowledged, retrying in %.1f s",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    delay,
+                )
+                await self._drop_writer(slot)
+                await asyncio.sleep(delay)
+
+    async def _one_by_one(
+        self,
+        slot: int,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+        *,
+        previous: asyncio.Future[None] | None,
+        theirs: set[tuple[str, int]],
+        error: Exception,
+    ) -> int:
+        """A micro-batch failed for a reason no retry mends (a bug, a value nobody foresaw):
+        each of its messages is stored alone, and one that fails again alone goes to the dead
+        letters with the reason. The others are stored as usual; nothing is lost unsaid."""
+        log.error("micro-batch of %d message(s) failed (%s: %s); storing them one by one",
+                  len(accepted), type(error).__name__, error, exc_info=error)  # fmt: skip
+        await self._drop_writer(slot)  # a fresh connection, whatever state the error left
+        stored = 0
+        for a in accepted:
+            try:
+                alone = partial(self._transaction, slot, [a], [], previous, theirs)
+                stored += await self._retrying(slot, alone)
+            except Exception as exc:
+                await self._drop_writer(slot)
+                reason = f"ingest could not store this batch: {type(exc).__name__}: {exc}"
+                dead.append(DeadLetter(a.message.topic, a.message.payload, None, reason[:1000]))
+                self.health.batch_errors.inc()
+        await self._retrying(slot, lambda: self._dead_letters(slot, dead))
+        return stored
+
+    async def _dead_letters(self, slot: int, dead: list[DeadLetter]) -> int:
+        conn = await self._writer(slot)
+        async with conn.transaction(), conn.cursor() as cur:
+            await write_dead_letters(cur, dead)
+        self.health.dead_letters.inc(len(dead))
+        for d in dead:
+            log.warning("dead letter from %s: %s", d.topic, d.reason)
+        return 0
 
     async def _transaction(
         self,
@@ -642,6 +686,9 @@ class Ingest:
                 log.warning("%s failed: %s", getattr(job, "__name__", "job"), exc)
                 if self._conn is not None and self._conn.closed:
                     self._conn = None
+            except Exception:  # a bug in a periodic job: it runs again next time
+                self.health.batch_errors.inc()
+                log.exception("%s failed", getattr(job, "__name__", "job"))
 
 
 def _concat(accepted: list[Accepted], fill: bool = False) -> dict[str, np.ndarray]:

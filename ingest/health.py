@@ -31,6 +31,11 @@ class Health:
         self.dead_letters = Counter(
             "gasguard_ingest_dead_letters", "messages dead-lettered", registry=r
         )
+        self.batch_errors = Counter(
+            "gasguard_ingest_unexpected_errors",
+            "batches dead-lettered and periodic jobs failed for an unexpected error",
+            registry=r,
+        )
         self.alarms_raised = Counter("gasguard_ingest_alarms_raised", "alarms raised", registry=r)
         self.db_errors = Counter(
             "gasguard_ingest_db_errors", "database failures (retried)", registry=r

@@ -276,4 +276,6 @@ class HealthOut(BaseModel):
     database: bool
     live_feed: bool
     consoles: int
-    stopped_tasks: list[str]
+    stopped_tasks: list[str]  # background tasks down now (the supervisor starts them again)
+    task_restarts: dict[str, int]
+    failed_outbox_rows: list[int]  # outbox rows that failed in the last 24 h (each ticketed)

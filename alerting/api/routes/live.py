@@ -13,6 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from alerting.api.deps import COOKIE
 from alerting.auth import User, user_for_token
+from alerting.jsontext import dumps
 from alerting.live import Feed
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -51,6 +52,6 @@ async def events(
             kind = "resync" if message.get("resync") else "ticket"
             if kind == "resync":
                 sub.overflowed = False
-            yield ServerSentEvent(event=kind, raw_data=orjson.dumps(message).decode())
+            yield ServerSentEvent(event=kind, raw_data=dumps(message).decode())
     finally:
         feed.unsubscribe(sub)
