@@ -271,6 +271,16 @@ class AlarmOut(BaseModel):
     clear_value: float | None
 
 
+class FailedOutboxRowOut(BaseModel):
+    id: int
+    alarm_id: int
+    event: str
+    failed_at: datetime
+    error: str | None
+    ticket_id: int | None  # the ticket a person looks at (None only if even that failed)
+    ticket_status: str | None
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool

@@ -229,6 +229,7 @@ function forgetTickets() {
   waiting = [];
   loaded = false;
   selected = null;
+  $("#failed-rows").hidden = true;
   detailSeq += 1;  // a detail still loading is not shown
   $("#detail").replaceChildren(
     el("p", { class: "empty" }, "Select a ticket to see its household, evidence and history."));
@@ -255,6 +256,7 @@ async function loadQueue() {
       for (const row of rows.values()) row.remove();
       rows.clear();
       for (const t of snapshot) remember(t);
+      loadFailedRows();
       if (loaded && snapshot.some((t) => t.priority === "critical" && !before.has(t.id))) beep();
       loaded = true;
     } catch (err) {
@@ -270,10 +272,39 @@ async function loadQueue() {
   return loading;
 }
 
+/* Alarms the hotline could not read fully: each is on a ticket, named here until it is done. */
+let failedSoon = null;
+
+async function loadFailedRows() {
+  try {
+    const failed = (await api("GET", "/api/alarms/failed?hours=24"))
+      .filter((r) => r.ticket_id === null || OPEN.includes(r.ticket_status));
+    const box = $("#failed-rows");
+    box.hidden = failed.length === 0;
+    const tickets = [...new Set(failed.map((r) => r.ticket_id).filter((id) => id !== null))];
+    box.replaceChildren(
+      el("strong", {}, `${failed.length} alarm(s) could not be read fully. `),
+      "Check the raw payload on ",
+      ...tickets.map((id) => el("button", { type: "button", testid: `failed-ticket-${id}`,
+                                          onclick: () => select(id) }, `ticket ${id}`)),
+      failed.some((r) => r.ticket_id === null) ? " (and rows with no ticket: see /health)" : "",
+    );
+  } catch (err) {
+    fail("The alarms that could not be read could not be loaded", err);
+  }
+}
+
+function loadFailedRowsSoon() {
+  if (failedSoon === null) failedSoon = setTimeout(() => { failedSoon = null; loadFailedRows(); }, 500);
+}
+
 /** One message of the live feed: {event: {id, ticket, kind}, ticket: summary or null}. */
 function onTicketEvent(message) {
   if (loading) { waiting.push(message); return; }
   const { event, ticket } = message;
+  if (["opened", "alarm_unreadable"].includes(event.kind) || !$("#failed-rows").hidden) {
+    loadFailedRowsSoon();  // a new ticket may hold an alarm that could not be read
+  }
   const id = Number(event.ticket);
   const was = queue.get(id);
   if (ticket === null) {

@@ -172,3 +172,22 @@ def test_the_report_page_signs_in_through_the_console_and_shows_the_days_figures
     figures = page.get_by_test_id("report-category-emergency_repair").locator("td")
     expect(figures).to_have_text(["emergency repair", "1", "0", "1", "0"])
     expect(page.get_by_test_id("report-complaints-none")).to_be_visible()
+
+
+def test_an_alarm_that_could_not_be_read_is_named_on_the_console_with_its_ticket(
+    console: Console, database: str
+) -> None:
+    from tests.alerting.test_unreadable import gas, outbox_row
+
+    page = console.sign_in("dispatcher")
+    expect(page.get_by_test_id("queue-empty")).to_have_text("No open tickets.")
+    expect(page.get_by_test_id("failed-rows")).to_be_hidden()
+    outbox_row(database, gas(2, "rule_of_a_newer_ingest", "critical"))
+    banner = page.get_by_test_id("failed-rows")
+    expect(banner).to_contain_text("1 alarm(s) could not be read fully", timeout=LIVE)
+    ticket = ticket_of(database, "H-0002")
+    expect(page.get_by_test_id(f"ticket-priority-{ticket}")).to_have_text("critical")
+    page.get_by_test_id(f"failed-ticket-{ticket}").click()
+    detail = page.get_by_test_id("detail")
+    expect(detail).to_contain_text("could not be read fully")
+    expect(detail).to_contain_text("rule_of_a_newer_ingest")

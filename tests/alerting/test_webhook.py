@@ -367,3 +367,45 @@ def test_the_hotline_service_pushes_its_ticket_changes(
         status = hotline.client("engineer").get("/api/webhook").json()
         assert status["enabled"] and status["delivered"] == 3
         assert hotline.client("dispatcher").get("/api/webhook").status_code == 403
+
+
+def test_an_event_holding_a_number_past_64_bits_is_delivered_and_the_next_ones_too(database: str, receiver: Receiver, start_sender: Callable[[], WebhookSender]) -> None:  # fmt: skip
+    """jsonb keeps 1e300 as a 301-digit integer, which orjson refuses to encode."""
+    receiver.start()
+    with psycopg.connect(database, autocommit=True) as conn:
+        sender = start_sender()
+        wait_for(lambda: sender.active, 10, "sender active")
+        ticket = new_ticket(conn)
+        huge = scalar_in(conn, "INSERT INTO ticket_events (ticket_id, actor, kind, detail) "
+                               "VALUES (%s, 'ingest', 'opened', '{\"value\": 1e300}') RETURNING id",
+                         (ticket,))  # fmt: skip
+        after = new_event(conn, ticket, "note", n=1)
+    wait_for(cursor_at(database, after), 10, "both delivered")
+    assert receiver.accepted() == [huge, after]
+    assert json.loads(receiver.requests[0].body)["detail"]["value"] == 10**300
+
+
+def test_an_event_that_cannot_be_sent_is_skipped_with_its_error_and_the_feed_goes_on(database: str, receiver: Receiver, start_sender: Callable[[], WebhookSender], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    receiver.start()
+    real_post = WebhookSender._post
+    broken: list[int] = []
+
+    async def post(self: WebhookSender, http: Any, event: dict[str, Any]) -> Any:
+        if event["event_id"] in broken:
+            raise ValueError("a bug on this event")
+        return await real_post(self, http, event)
+
+    monkeypatch.setattr(WebhookSender, "_post", post)
+    with psycopg.connect(database, autocommit=True) as conn:
+        sender = start_sender()
+        wait_for(lambda: sender.active, 10, "sender active")
+        ticket = new_ticket(conn)
+        with conn.transaction():  # both committed at once: the broken one is seen first
+            broken.append(new_event(conn, ticket, "note", n=0))
+            after = new_event(conn, ticket, "note", n=1)
+    wait_for(cursor_at(database, after), 10, "past the broken event")
+    assert receiver.accepted() == [after]
+    failure = status_of(database)["failures"][0]
+    assert failure["event_id"] == broken[0] and failure["skipped_at"] is not None
+    assert "ValueError: a bug on this event" in failure["last_error"]
+    assert sender.skipped == 1

@@ -9,11 +9,24 @@ from fastapi import APIRouter, Depends, Query
 from psycopg.rows import dict_row
 
 from alerting.api.deps import Conn, need
-from alerting.api.models import AlarmOut
+from alerting.api.models import AlarmOut, FailedOutboxRowOut
 from alerting.auth import User
+from alerting.unreadable import failed_rows
 
 router = APIRouter(prefix="/api/alarms", tags=["alarms"])
 Id = Annotated[str | None, Query(pattern=r"^[^\x00-\x20\x7f]{1,64}$")]
+
+
+@router.get("/failed", response_model=list[FailedOutboxRowOut], responses={401: {}, 403: {}})
+async def failed(
+    conn: Conn,
+    _user: Annotated[User, Depends(need("tickets.read"))],
+    hours: Annotated[float, Query(gt=0, le=24 * 366)] = 24,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    """Alarm rows the hotline could not apply as designed, newest first, each with the ticket
+    that holds its raw payload."""
+    return await failed_rows(conn, limit=limit, since_hours=hours)
 
 
 @router.get("", response_model=list[AlarmOut], responses={401: {}, 403: {}})
