@@ -36,6 +36,8 @@ RULES: dict[str, tuple[str, str, str, str]] = {
     "continuous_flow": ("leak_behind_meter", "inspection", "high", "normal"),
     "micro_leak": ("leak_behind_meter", "inspection", "high", "normal"),
     "pressure_low": ("supply_pressure", "engineering", "high", "high"),
+    "pressure_high": ("supply_pressure", "engineering", "high", "high"),
+    "clock_skew": ("device_fault", "inspection", "normal", "low"),
     "silent": ("device_silent", "inspection", "normal", "low"),
     "sensor_fault": ("device_fault", "inspection", "normal", "low"),
     "valve_fault": ("device_fault", "inspection", "normal", "low"),

@@ -80,7 +80,9 @@ class Ingest:
             if settings.ingest_thresholds_file
             else None
         )
-        self.detection = Detection(settings.ingest_utc_offset_hours, thresholds)
+        self.detection = Detection(
+            settings.ingest_utc_offset_hours, thresholds, settings.ingest_clock_tolerance_ms
+        )
         self.partitions = Partitions("stock")
         self.mode = "stock"
         self._conn: psycopg.AsyncConnection[Any] | None = None  # setup and periodic jobs
@@ -218,7 +220,8 @@ class Ingest:
         parts = m.topic.split("/")
         topic_gw = parts[2] if len(parts) == 4 else None
         try:
-            batch = decode_batch(m.payload)
+            # a clock ahead is judged at arrival (Detection.run), not refused: only a day off is
+            batch = decode_batch(m.payload, max_future_ms=self.settings.ingest_max_future_ms)
         except WireError as exc:
             return DeadLetter(m.topic, m.payload, exc.field, exc.reason)
         if batch.gw != topic_gw:
@@ -392,6 +395,7 @@ class Ingest:
                 by_kind: dict[Kind, list[Accepted]] = {}
                 for a in new:
                     by_kind.setdefault(a.batch.kind, []).append(a)
+                repeats: dict[int, np.ndarray] = {}  # id(Accepted) -> its readings stored before
                 for kind in KINDS:
                     mine = by_kind.get(kind, [])
                     groups: dict[frozenset[str], list[Accepted]] = {}
@@ -399,7 +403,13 @@ class Ingest:
                         groups.setdefault(frozenset(a.batch.fields), []).append(a)
                     for group in groups.values():  # one COPY per set of columns
                         columns = _concat(group)
-                        stored += await copy_readings(cur, kind, columns)
+                        first_time = await copy_readings(cur, kind, columns)
+                        stored += int(first_time.sum())
+                        if not first_time.all():  # repeats: not judged again, not counted again
+                            bounds = np.cumsum([0, *(len(a.batch) for a in group)])
+                            for a, lo, hi in zip(group, bounds[:-1], bounds[1:], strict=True):
+                                repeats[id(a)] = ~first_time[lo:hi]
+                            columns = {k: v[first_time] for k, v in columns.items()}
                         if self.mode == "stock":
                             await stage_rollups(cur, kind, columns)
                 if previous is not None:
@@ -415,9 +425,15 @@ class Ingest:
                 changes = []
                 for kind in KINDS:
                     if kind in by_kind:
-                        changes += self.detection.run(
-                            kind, _concat(by_kind[kind], fill=True), self.registry
-                        )
+                        columns = _concat(by_kind[kind], fill=True)
+                        if repeats:
+                            again = np.concatenate([
+                                repeats.get(id(a), np.zeros(len(a.batch), np.bool_))
+                                for a in by_kind[kind]
+                            ])  # fmt: skip
+                            columns = {k: v[~again] for k, v in columns.items()}
+                            self.health.repeated_readings.inc(int(again.sum()))
+                        changes += self.detection.run(kind, columns, self.registry)
                 changes.sort(key=lambda c: c.ts_ms)  # as they happened, across kinds
                 outcome = await write_alarms(cur, changes)
                 await write_dead_letters(cur, dead)

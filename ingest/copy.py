@@ -49,9 +49,23 @@ def binary_rows(columns: Sequence[tuple[str, str, npt.NDArray[np.generic]]]) -> 
         rows[f"len{i}"] = PG_TYPES[pg_type][1]
         if pg_type == "timestamptz":
             rows[f"val{i}"] = (np.asarray(values, dtype=np.int64) - PG_EPOCH_MS) * 1000
+        elif pg_type == "real":
+            rows[f"val{i}"] = narrow_to_real(values)
         else:
             rows[f"val{i}"] = values
     return rows.tobytes()
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def narrow_to_real(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Values for a ``real`` column: one that no float32 can hold (1e300) is stored as NaN,
+    never as +-Infinity; detection has judged the raw value (a sensor fault, with the value
+    kept on its alarm)."""
+    v = np.asarray(values, np.float64)
+    fits = ~(np.abs(v) > F32_MAX)  # NaN fits (it is NaN in float32 too)
+    return v if fits.all() else np.where(fits, v, np.nan)
 
 
 def copy_statement(table: str, names: Sequence[str]) -> str:

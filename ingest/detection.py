@@ -8,6 +8,7 @@ micro-batch is judged against the same state as the first attempt.
 
 from __future__ import annotations
 
+import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -113,8 +114,14 @@ class Thresholds:
 
 
 class Detection:
-    def __init__(self, utc_offset_hours: float = 8.0, thresholds: Thresholds | None = None) -> None:
+    def __init__(
+        self,
+        utc_offset_hours: float = 8.0,
+        thresholds: Thresholds | None = None,
+        clock_tolerance_ms: int = 30_000,
+    ) -> None:
         self.utc_offset_ms = int(utc_offset_hours * 3_600_000)
+        self.clock_tolerance_ms = clock_tolerance_ms
         self.thresholds = thresholds or Thresholds()
         self.detectors = DetectorState(0)
         self.meters = MeterState(0)
@@ -160,11 +167,26 @@ class Detection:
             self._params_for = id(registry)
 
     def run(
-        self, kind: Kind, columns: dict[str, np.ndarray], registry: Registry
+        self,
+        kind: Kind,
+        columns: dict[str, np.ndarray],
+        registry: Registry,
+        now_ms: int | None = None,
     ) -> list[AlarmChange]:
-        """Judge one kind's readings (``device_key`` and field columns)."""
+        """Judge one kind's readings (``device_key`` and field columns) that arrived at
+        ``now_ms`` (ingest's clock; now by default).
+
+        A reading stamped more than the clock tolerance ahead of ``now_ms`` is judged as of
+        ``now_ms`` (stored with its own stamp): a clock running ahead never makes the device's
+        true-time readings look old. Its device raises CLOCK_SKEW with the skew."""
         self._prepare(registry)
         idx = columns["device_key"].astype(np.int64)
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        ahead = columns["ts"] - now
+        skewed = ahead > self.clock_tolerance_ms
+        columns = columns | {"ahead_ms": np.where(skewed, ahead, 0).astype(np.float64)}
+        if skewed.any():
+            columns["ts"] = np.where(skewed, now, columns["ts"])
         if kind == "detector":
             events, _ = detect_detectors(
                 DetectorColumns.from_mapping(idx, columns), self._detector_params, self.detectors

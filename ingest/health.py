@@ -31,6 +31,12 @@ class Health:
         self.dead_letters = Counter(
             "gasguard_ingest_dead_letters", "messages dead-lettered", registry=r
         )
+        self.repeated_readings = Counter(
+            "gasguard_ingest_repeated_readings",
+            "readings stored before (same device and ts) under another batch id: not stored "
+            "or judged again",
+            registry=r,
+        )
         self.batch_errors = Counter(
             "gasguard_ingest_unexpected_errors",
             "batches dead-lettered and periodic jobs failed for an unexpected error",

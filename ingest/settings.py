@@ -27,6 +27,11 @@ class IngestSettings(CommonSettings):
     ingest_fold_every_s: float = Field(2.0, gt=0)  # staged rollups into the hourly ones
     ingest_registry_every_s: float = Field(30.0, gt=0)
     ingest_retention_days: int = Field(400, ge=1)
+    # a reading stamped further ahead of ingest's clock is judged at its arrival (and raises
+    # CLOCK_SKEW)
+    ingest_clock_tolerance_ms: int = Field(30_000, ge=0, le=300_000)
+    # a batch stamped further ahead is dead-lettered (a clock a day off is a broken device)
+    ingest_max_future_ms: int = Field(86_400_000, ge=300_000)
     ingest_utc_offset_hours: float = Field(8.0, ge=-12, le=14)
     ingest_thresholds_file: str | None = None  # TOML: see ingest/detection.py Thresholds
 

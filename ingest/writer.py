@@ -17,7 +17,7 @@ import orjson
 import psycopg
 
 from gasguard.fields import COMM_LOST, Kind
-from ingest.copy import HEADER, TRAILER, binary_rows, copy_statement
+from ingest.copy import HEADER, TRAILER, binary_rows, copy_statement, narrow_to_real
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,50 @@ async def claim_batches(
 
 async def copy_readings(
     cur: psycopg.AsyncCursor[Any], kind: Kind, columns: dict[str, npt.NDArray[np.generic]]
-) -> int:
-    """COPY one kind's readings. Rows with comm_lost carry NULLs and take a slower path."""
-    types = READING_COLUMNS[kind]
+) -> npt.NDArray[np.bool_]:
+    """COPY one kind's readings; which rows were new (a reading stored before, same device and
+    ts, is a repeat and not stored again). Rows with comm_lost carry NULLs and take a slower
+    path. Repeats are rare: the readings go in by plain COPY, and only when the unique index
+    refuses one are they staged and inserted with ``ON CONFLICT DO NOTHING``."""
     n = len(columns["ts"])
     if n == 0:
-        return 0
-    table = f"{kind}_readings"
+        return np.zeros(0, np.bool_)
+    try:
+        async with cur.connection.transaction():  # a savepoint: a refused COPY undoes itself
+            await _copy_into(cur, f"{kind}_readings", kind, columns)
+        return np.ones(n, np.bool_)
+    except psycopg.errors.UniqueViolation:
+        pass
+    stage = f"gasguard_stage_{kind}"
+    await cur.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {kind}_readings INCLUDING DEFAULTS) "
+        "ON COMMIT DELETE ROWS"
+    )
+    await cur.execute(f"TRUNCATE {stage}")
+    await _copy_into(cur, stage, kind, columns)
+    await cur.execute(
+        f"INSERT INTO {kind}_readings SELECT DISTINCT ON (device_key, ts) * FROM {stage} "
+        "ORDER BY device_key, ts ON CONFLICT (device_key, ts) DO NOTHING "
+        "RETURNING device_key, (extract(epoch FROM ts) * 1000)::bigint"
+    )
+    stored = {(int(k), int(t)) for k, t in await cur.fetchall()}
+    new = np.zeros(n, np.bool_)
+    keys = zip(columns["device_key"].tolist(), columns["ts"].tolist(), strict=True)
+    for row, key in enumerate(keys):
+        if key in stored:  # the first of repeats within the batch
+            new[row] = True
+            stored.discard(key)
+    return new
+
+
+async def _copy_into(
+    cur: psycopg.AsyncCursor[Any],
+    table: str,
+    kind: Kind,
+    columns: dict[str, npt.NDArray[np.generic]],
+) -> None:
+    types = READING_COLUMNS[kind]
+    n = len(columns["ts"])
     lost = np.asarray(columns.get(COMM_LOST, np.zeros(n, dtype=bool)), dtype=bool)
     names = [c for c in types if c in columns]
     good = np.flatnonzero(~lost)
@@ -124,7 +161,6 @@ async def copy_readings(
                 columns["ts"][lost].tolist(), columns["device_key"][lost].tolist(), strict=True
             ):
                 await copy.write_row((_ts(int(ms)), int(key), True))
-    return n
 
 
 HOUR_MS = 3_600_000
@@ -158,7 +194,10 @@ async def stage_rollups(
     def col(name: str, how: str) -> np.ndarray:  # NaN: no value in the group (fold: NULL)
         if name not in columns:
             return np.full(len(starts), np.nan)
-        return _reduce_nan(np.asarray(columns[name])[keep], order, starts, how)
+        values = np.asarray(columns[name])[keep]
+        if READING_COLUMNS[kind][name] == "real":  # what is stored: a value past float32 is NaN
+            values = narrow_to_real(values)
+        return _reduce_nan(values, order, starts, how)
 
     figures: list[tuple[str, str, npt.NDArray[np.generic]]] = [
         ("bucket", "timestamptz", ghour * HOUR_MS),

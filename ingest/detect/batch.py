@@ -11,7 +11,7 @@ from .events import BoolArray, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .params import per_device
 from .runs import Latched, Segments, Switch, latch
 
-U16 = npt.NDArray[np.uint16]
+U32 = npt.NDArray[np.uint32]
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,11 +22,11 @@ class Batch:
     sg: Segments
     idx: IntArray
     ts: IntArray
-    mask: U16
+    mask: U32
     sink: EventSink
 
     @classmethod
-    def of(cls, idx: IntArray, ts: IntArray, mask: U16, sink: EventSink) -> Batch:
+    def of(cls, idx: IntArray, ts: IntArray, mask: U32, sink: EventSink) -> Batch:
         return cls(Segments.of(idx), idx, ts, mask, sink)
 
     @property
@@ -47,13 +47,13 @@ class Batch:
 
     def carried(self, bit: int) -> BoolArray:
         """Per segment: is ``bit`` set in the device's carried mask?"""
-        return np.asarray((self.mask[self.sg.dev] & np.uint16(bit)) != 0, np.bool_)
+        return np.asarray((self.mask[self.sg.dev] & np.uint32(bit)) != 0, np.bool_)
 
     def put(self, bit: int, value: BoolArray) -> None:
         """Per segment: set ``bit`` of the device's mask to ``value``."""
         dev = self.sg.dev
         m = self.mask[dev]
-        self.mask[dev] = np.where(value, m | np.uint16(bit), m & np.uint16(~bit & 0xFFFF))
+        self.mask[dev] = np.where(value, m | np.uint32(bit), m & np.uint32(~bit & 0xFFFFFFFF))
 
     def emit(self, rule: Rule, lt: Latched, value: FloatArray) -> None:
         """Hand a latch's transitions to the sink; ``value`` per row (or 0-d)."""

@@ -1,20 +1,27 @@
-"""Methane detector rules: GAS_LOW, GAS_HIGH, GAS_RISING, SENSOR_FAULT (and SILENT).
+"""Methane detector rules: GAS_LOW, GAS_HIGH, GAS_RISING, SENSOR_FAULT, CLOCK_SKEW (and
+SILENT).
 
 Each rule is a hysteresis switch over the device's readings in time order; runs of
 consecutive readings continue from the state, so the result does not depend on where batches
 end. Readings flagged ``comm_lost`` only feed SILENT: every other rule skips them (they
-neither advance nor break a run, and the rate of rise pairs across them).
+neither advance nor break a run, and the rate of rise pairs across them). A CH4 value outside
+what a sensor can report (``ch4_min``..``ch4_max``) is a SENSOR_FAULT and counts as no value
+for the gas rules: it never raises a gas alarm by itself. Late readings are judged by GAS_LOW
+and GAS_HIGH as ``late.py`` says.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
-from .batch import Batch, flag
-from .events import BoolArray, Events, FloatArray, IntArray, Rule
-from .params import MINUTE_MS, DetectorColumns, DetectorParams
-from .runs import NO_TS, run_began, run_lengths, sat32
-from .silence import begin_batch
+from .batch import Batch, flag, floats
+from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule
+from .late import late_hits, raise_late, track_clears
+from .params import DetectorColumns, DetectorParams, per_device
+from .rising import apply_rising
+from .runs import run_began, run_lengths, sat32
+from .silence import begin_batch, clock_skew
 from .state import DetectorState
 
 
@@ -33,33 +40,78 @@ def detect_detectors(
         col = getattr(cols, name)
         if col is not None:
             lengths[name] = len(col)
-    fresh = begin_batch(idx, np.asarray(cols.ts, np.int64), cols.comm_lost, state, lengths)
+    for name in ("ahead_ms",):
+        col = getattr(cols, name)
+        if col is not None:
+            lengths[name] = len(col)
+    ts_all = np.asarray(cols.ts, np.int64)
+    fresh = begin_batch(idx, ts_all, cols.comm_lost, state, lengths)
     b, order = fresh.batch, fresh.order
+    if len(fresh.late):
+        _late(fresh.sink, params, state, cols, fresh.late, idx=idx, ts=ts_all)
     if b is not None:
-        ch4 = np.asarray(cols.ch4_lel, np.float64)[order]
-        prev_ch4 = b.sg.shift_f(ch4, state.last_ch4[b.dev])
+        raw = np.asarray(cols.ch4_lel, np.float64)[order]
+        ch4 = plausible(raw, params)
+        prev_raw = b.sg.shift_f(raw, state.last_ch4[b.dev])
         prev_ts = b.sg.shift_i(b.ts, state.norm_ts[b.dev])
         _gas(b, params, state, ch4=ch4, alarm=np.asarray(cols.alarm, np.bool_)[order])
-        _rising(b, params, state, ch4=ch4, prev_ch4=prev_ch4, prev_ts=prev_ts)
+        apply_rising(b, params, state, ch4=ch4)
         fault = flag(cols.fault, order) | flag(cols.eol, order)
-        _sensor_fault(b, params, state, ch4=ch4, prev_ch4=prev_ch4, prev_ts=prev_ts, fault=fault)
-        state.last_ch4[b.dev] = ch4[b.last]
+        _sensor_fault(b, params, state, ch4=raw, prev_ch4=prev_raw, prev_ts=prev_ts, fault=fault)
+        ahead = np.nan_to_num(floats(cols.ahead_ms, order), nan=0.0)
+        clock_skew(b, params.skew_clear_samples, state, ahead)
+        state.last_ch4[b.dev] = raw[b.last]
         state.norm_ts[b.dev] = b.ts[b.last]
-    return fresh.sink.build(fresh.stale), state
+    events = fresh.sink.build(fresh.stale)
+    track_clears(events, Rule.GAS_LOW, state.gl_until)
+    track_clears(events, Rule.GAS_HIGH, state.gh_until)
+    return events, state
+
+
+def plausible(ch4: FloatArray, p: DetectorParams) -> FloatArray:
+    """CH4 as the gas rules see it: NaN where no sensor could report it."""
+    return np.where((ch4 >= p.ch4_min) & (ch4 <= p.ch4_max), ch4, np.nan)
+
+
+def _late(
+    sink: EventSink,
+    p: DetectorParams,
+    st: DetectorState,
+    cols: DetectorColumns,
+    rows: IntArray,
+    *,
+    idx: IntArray,
+    ts: IntArray,
+) -> None:
+    """GAS_HIGH at its level; GAS_LOW on the detector's own flag, or at its level on at least
+    ``gas_low_samples`` of the device's late readings in this batch."""
+    li, lt = idx[rows], ts[rows]
+    ch4 = plausible(np.asarray(cols.ch4_lel, np.float64)[rows], p)
+    alarm = np.asarray(cols.alarm, np.bool_)[rows]
+    high = ch4 >= per_device(p.gas_high_by_device, p.gas_high, li)
+    raise_late(sink, st.open, Rule.GAS_HIGH, rows=(li, lt), hit=high, value=ch4,
+               until=st.gh_until)  # fmt: skip
+    at_low = ch4 >= per_device(p.gas_low_by_device, p.gas_low, li)
+    low = alarm | late_hits(li, at_low, st.capacity, p.gas_low_samples)
+    raise_late(sink, st.open, Rule.GAS_LOW, rows=(li, lt), hit=low, value=ch4,
+               until=st.gl_until)  # fmt: skip
 
 
 def _gas(
     b: Batch, p: DetectorParams, st: DetectorState, *, ch4: FloatArray, alarm: BoolArray
 ) -> None:
-    """GAS_LOW (sustained, or the detector's own alarm flag) and GAS_HIGH (at once)."""
+    """GAS_LOW (at its level on ``gas_low_samples`` of the last ``gas_low_window`` readings,
+    this one included, or the detector's own alarm flag) and GAS_HIGH (at once)."""
     dev, last = b.dev, b.last
     low = b.param(p.gas_low_by_device, p.gas_low)
-    hi_run = run_lengths(b.sg, ch4 >= low, st.gl_hi[dev])
+    at_low = ch4 >= low
+    hi_run = run_lengths(b.sg, at_low, st.gl_hi[dev])
+    hits = _window_hits(b, at_low, st.gl_hist, p.gas_low_window)
     calm = (ch4 < np.minimum(p.gas_low_clear, low)) & ~alarm
     clr_run = run_lengths(b.sg, calm, st.gl_clr[dev])
     b.switch(
         Rule.GAS_LOW,
-        (hi_run >= p.gas_low_samples) | alarm,
+        (at_low & (hits >= p.gas_low_samples)) | alarm,
         clr_run >= p.gas_low_clear_samples,
         ch4,
     )
@@ -72,27 +124,28 @@ def _gas(
     st.gh_clr[dev] = sat32(clr_run[last])
 
 
-def _rising(
-    b: Batch,
-    p: DetectorParams,
-    st: DetectorState,
-    *,
-    ch4: FloatArray,
-    prev_ch4: FloatArray,
-    prev_ts: IntArray,
-) -> None:
-    """GAS_RISING: rate of rise between consecutive readings (the first pairs with the carried
-    one; pairs more than ``rise_max_gap_ms`` apart have no rate)."""
-    has_prev = prev_ts != NO_TS
-    dt = b.ts - np.where(has_prev, prev_ts, b.ts)
-    pair = has_prev & (dt <= p.rise_max_gap_ms)
-    rate = (ch4 - prev_ch4) / (np.where(pair, dt, MINUTE_MS) / float(MINUTE_MS))
-    rate[~pair] = np.nan
-    rising = (rate > p.rise_per_min) & (ch4 >= p.rise_min_lel)
-    calm = ~rising & ((ch4 < p.rise_clear_below) | (rate <= 0))
-    clr_run = run_lengths(b.sg, calm, st.gr_clr[b.dev])
-    b.switch(Rule.GAS_RISING, rising, clr_run >= p.rise_clear_samples, ch4)
-    st.gr_clr[b.dev] = sat32(clr_run[b.last])
+def _window_hits(b: Batch, cond: BoolArray, hist: npt.NDArray[np.int32], window: int) -> IntArray:
+    """How many of each reading's last ``window`` readings (itself included) meet ``cond``;
+    the readings before the batch come from ``hist`` (bit 0: the device's latest reading),
+    which is then moved on to the batch's last readings."""
+    sg = b.sg
+    csum = np.concatenate([[0], np.cumsum(cond, dtype=np.int64)])
+    here = sg.pos - sg.start  # position within the device's readings of this batch
+    lo = np.maximum(sg.start, sg.pos - window + 1)
+    count = csum[sg.pos + 1] - csum[lo]
+    need = np.clip(window - 1 - here, 0, None)  # readings still to take from before the batch
+    carried = sg.rows(hist[sg.dev]) & ((np.int64(1) << need) - 1)
+    count += np.bitwise_count(carried).astype(np.int64)
+    keep = window - 1
+    if keep:
+        lengths = sg.lengths
+        older = hist[sg.dev].astype(np.int64) << np.minimum(lengths, keep)
+        bits = np.where(lengths < keep, older, 0)
+        for q in range(keep):  # the batch's last readings, newest at bit 0
+            row = sg.last - q
+            bits |= np.where(q < lengths, cond[np.maximum(row, 0)].astype(np.int64) << q, 0)
+        hist[sg.dev] = bits & ((1 << keep) - 1)
+    return np.asarray(count, np.int64)
 
 
 def _sensor_fault(

@@ -29,6 +29,9 @@ class Rule(IntEnum):
     VALVE_FAULT = 10
     TAMPER = 11
     REVERSE_FLOW = 12
+    # 13 and 14 are the micro-leak's internal bits in the open mask (state.py)
+    PRESSURE_HIGH = 15
+    CLOCK_SKEW = 16
 
 
 class Severity(IntEnum):
@@ -50,6 +53,8 @@ SEVERITY: dict[Rule, Severity] = {
     Rule.VALVE_FAULT: Severity.MINOR,
     Rule.TAMPER: Severity.MINOR,
     Rule.REVERSE_FLOW: Severity.MINOR,
+    Rule.PRESSURE_HIGH: Severity.MAJOR,
+    Rule.CLOCK_SKEW: Severity.MINOR,
 }
 
 DETECTOR_RULES: tuple[Rule, ...] = (
@@ -58,6 +63,7 @@ DETECTOR_RULES: tuple[Rule, ...] = (
     Rule.GAS_RISING,
     Rule.SENSOR_FAULT,
     Rule.SILENT,
+    Rule.CLOCK_SKEW,
 )
 METER_RULES: tuple[Rule, ...] = (
     Rule.SILENT,
@@ -69,7 +75,11 @@ METER_RULES: tuple[Rule, ...] = (
     Rule.TAMPER,
     Rule.REVERSE_FLOW,
     Rule.SENSOR_FAULT,
+    Rule.PRESSURE_HIGH,
+    Rule.CLOCK_SKEW,
 )
+MASK = np.uint32
+"""dtype of a device's open-alarm mask (bit ``1 << rule``)"""
 
 _SEVERITY_LUT = np.zeros(max(Rule) + 1, dtype=np.int8)
 for _rule, _sev in SEVERITY.items():

@@ -1,10 +1,14 @@
-"""Gas meter rules: BURST, CONTINUOUS_FLOW, MICRO_LEAK, PRESSURE_LOW, VALVE_FAULT, TAMPER,
-REVERSE_FLOW, SENSOR_FAULT (and SILENT).
+"""Gas meter rules: BURST, CONTINUOUS_FLOW, MICRO_LEAK, PRESSURE_LOW, PRESSURE_HIGH,
+VALVE_FAULT, TAMPER, REVERSE_FLOW, SENSOR_FAULT, CLOCK_SKEW (and SILENT).
 
 As for detectors: hysteresis switches over each meter's readings in time order, runs carried
 in the state, ``comm_lost`` readings seen only by SILENT. A reading without pressure (NaN) is
 skipped by PRESSURE_LOW alone. "Flowing" is flow > near_zero; "no flow" is |flow| <= near_zero
 (a NaN or reverse flow is neither: it breaks a run of flow without clearing its alarm).
+A flow outside ``[-qmax, flow_max_factor x qmax]`` or a pressure outside ``[pressure_min,
+pressure_max]`` is a SENSOR_FAULT and counts as no value for the flow and pressure rules (a
+value no meter can report never raises a burst by itself). Late readings are judged by BURST
+(over Qmax), VALVE_FAULT and PRESSURE_HIGH as ``late.py`` says.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import numpy as np
 
 from .batch import Batch, flag, floats
 from .burst import apply_burst
-from .events import BoolArray, Events, FloatArray, IntArray, Rule, rule_bit
-from .params import DAY_MS, MeterColumns, MeterParams
+from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
+from .late import late_hits, raise_late, track_clears
+from .params import DAY_MS, MeterColumns, MeterParams, per_device
 from .runs import NO_TS, Switch, latch, run_began, run_lengths, sat32
-from .silence import begin_batch
+from .silence import begin_batch, clock_skew
 from .state import ML_DAYS_BIT, ML_NIGHT_BIT, MeterState
 
-_OPTIONAL = ("pressure_kpa", "valve_closed", "battery_pct", "tamper", "reverse_flow", "comm_lost")
+_OPTIONAL = ("pressure_kpa", "valve_closed", "battery_pct", "tamper", "reverse_flow", "comm_lost",
+             "ahead_ms")  # fmt: skip
 
 
 def detect_meters(
@@ -37,25 +43,76 @@ def detect_meters(
         col = getattr(cols, name)
         if col is not None:
             lengths[name] = len(col)
-    fresh = begin_batch(idx, np.asarray(cols.ts, np.int64), cols.comm_lost, state, lengths)
+    ts_all = np.asarray(cols.ts, np.int64)
+    fresh = begin_batch(idx, ts_all, cols.comm_lost, state, lengths)
     b, order = fresh.batch, fresh.order
+    if len(fresh.late):
+        _late(fresh.sink, params, state, cols, fresh.late, idx=idx, ts=ts_all)
     if b is not None:
-        flow = np.asarray(cols.flow_m3h, np.float64)[order]
+        raw = np.asarray(cols.flow_m3h, np.float64)[order]
         qmax = b.param(params.qmax_by_device, params.qmax)
+        flow = plausible_flow(raw, qmax, params)
         apply_burst(b, params, state, flow=flow, qmax=qmax)
         _flow_time(b, params, state, flow=flow)
+        raw_pressure = floats(cols.pressure_kpa, order)
+        pressure = plausible_pressure(raw_pressure, params)
         if cols.pressure_kpa is not None:
-            _pressure(b, params, state, pressure=np.asarray(cols.pressure_kpa, np.float64)[order])
+            _pressure(b, params, state, pressure=pressure)
         leak = flag(cols.valve_closed, order) & (np.abs(flow) > params.near_zero)
         tamper = flag(cols.tamper, order)
         reverse = flag(cols.reverse_flow, order) | (flow < -params.near_zero)
         _flags(b, params, state, flow=flow, leak=leak, tamper=tamper, reverse=reverse)
         volume = np.asarray(cols.volume_m3, np.float64)[order]
         battery = floats(cols.battery_pct, order)
-        _sensor_fault(b, params, state, flow=flow, qmax=qmax, volume=volume, battery=battery)
+        bad_pressure = ~np.isnan(raw_pressure) & np.isnan(pressure)
+        _sensor_fault(b, params, state, flow=raw, qmax=qmax, volume=volume, battery=battery,
+                      bad_pressure=bad_pressure)  # fmt: skip
+        ahead = np.nan_to_num(floats(cols.ahead_ms, order), nan=0.0)
+        clock_skew(b, params.skew_clear_samples, state, ahead)
         state.last_volume[b.dev] = volume[b.last]
         state.norm_ts[b.dev] = b.ts[b.last]
-    return fresh.sink.build(fresh.stale), state
+    events = fresh.sink.build(fresh.stale)
+    track_clears(events, Rule.BURST, state.burst_until)
+    track_clears(events, Rule.VALVE_FAULT, state.vf_until)
+    track_clears(events, Rule.PRESSURE_HIGH, state.ph_until)
+    return events, state
+
+
+def plausible_flow(flow: FloatArray, qmax: FloatArray, p: MeterParams) -> FloatArray:
+    """Flow as the flow rules see it: NaN where no meter of this size could report it."""
+    return np.where((flow >= -qmax) & (flow <= p.flow_max_factor * qmax), flow, np.nan)
+
+
+def plausible_pressure(pressure: FloatArray, p: MeterParams) -> FloatArray:
+    return np.where((pressure >= p.pressure_min) & (pressure <= p.pressure_max), pressure, np.nan)
+
+
+def _late(
+    sink: EventSink,
+    p: MeterParams,
+    st: MeterState,
+    cols: MeterColumns,
+    rows: IntArray,
+    *,
+    idx: IntArray,
+    ts: IntArray,
+) -> None:
+    """BURST over Qmax; gas past a closed valve (VALVE_FAULT) and PRESSURE_HIGH on as many
+    late readings of the device as the rule needs in time order."""
+    li, lt = idx[rows], ts[rows]
+    qmax = per_device(p.qmax_by_device, p.qmax, li)
+    flow = plausible_flow(np.asarray(cols.flow_m3h, np.float64)[rows], qmax, p)
+    late = (li, lt)
+    raise_late(sink, st.open, Rule.BURST, rows=late, hit=flow > qmax, value=flow,
+               until=st.burst_until)  # fmt: skip
+    passing = flag(cols.valve_closed, rows) & (np.abs(flow) > p.near_zero)
+    passing = late_hits(li, passing, st.capacity, p.valve_samples)
+    raise_late(sink, st.open, Rule.VALVE_FAULT, rows=late, hit=passing, value=flow,
+               until=st.vf_until)  # fmt: skip
+    pressure = plausible_pressure(floats(cols.pressure_kpa, rows), p)
+    over = late_hits(li, pressure > p.pressure_high, st.capacity, p.pressure_high_samples)
+    raise_late(sink, st.open, Rule.PRESSURE_HIGH, rows=late, hit=over, value=pressure,
+               until=st.ph_until)  # fmt: skip
 
 
 def _flow_time(b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray) -> None:
@@ -118,7 +175,8 @@ def _run_start(
 
 
 def _pressure(b: Batch, p: MeterParams, st: MeterState, *, pressure: FloatArray) -> None:
-    """PRESSURE_LOW over the readings that carry a pressure (NaN: skipped, as if absent)."""
+    """PRESSURE_LOW and PRESSURE_HIGH over the readings that carry a pressure (NaN: skipped,
+    as if absent)."""
     have = ~np.isnan(pressure)
     if not have.any():
         return
@@ -137,6 +195,16 @@ def _pressure(b: Batch, p: MeterParams, st: MeterState, *, pressure: FloatArray)
     )
     st.pl_lo[dev] = sat32(lo_run[last])
     st.pl_hi[dev] = sat32(hi_run[last])
+    over_run = run_lengths(b.sg, pressure > p.pressure_high, st.ph_hi[dev])
+    ok_run = run_lengths(b.sg, pressure <= p.pressure_high_clear, st.ph_ok[dev])
+    b.switch(
+        Rule.PRESSURE_HIGH,
+        over_run >= p.pressure_high_samples,
+        ok_run >= p.pressure_clear_samples,
+        pressure,
+    )
+    st.ph_hi[dev] = sat32(over_run[last])
+    st.ph_ok[dev] = sat32(ok_run[last])
 
 
 def _flags(
@@ -175,15 +243,18 @@ def _sensor_fault(
     qmax: FloatArray,
     volume: FloatArray,
     battery: FloatArray,
+    bad_pressure: BoolArray,
 ) -> None:
     """SENSOR_FAULT: the volume register going back, volume missing, flow out of
-    [-qmax, flow_max_factor x qmax] or missing, battery out of range (missing is fine)."""
+    [-qmax, flow_max_factor x qmax] or missing, battery out of range (missing is fine), a
+    pressure no sensor reports (missing is fine)."""
     bad = (
         (b.sg.shift_f(volume, st.last_volume[b.dev]) - volume > p.volume_drop_m3)
         | np.isnan(volume)
         | ~((flow >= -qmax) & (flow <= p.flow_max_factor * qmax))
         | (battery < p.battery_min)
         | (battery > p.battery_max)
+        | bad_pressure
     )
     ok_run = run_lengths(b.sg, ~bad, st.sf_ok[b.dev])
     b.switch(Rule.SENSOR_FAULT, bad, ok_run >= p.fault_clear_samples, flow)

@@ -44,7 +44,8 @@ def per_device(override: FloatArray | None, default: float, idx: IntArray) -> Fl
 @dataclass(frozen=True, kw_only=True, eq=False)
 class DetectorParams:
     gas_low: float = 10.0  # %LEL, raise when reached on gas_low_samples consecutive readings
-    gas_low_samples: int = 2
+    gas_low_samples: int = 2  # ... of the last gas_low_window readings (k of n)
+    gas_low_window: int = 3
     gas_low_clear: float = 5.0  # clear below this (and alarm flag off) ...
     gas_low_clear_samples: int = 2  # ... on this many consecutive readings
     gas_low_by_device: FloatArray | None = None
@@ -52,11 +53,13 @@ class DetectorParams:
     gas_high_clear: float = 20.0
     gas_high_clear_samples: int = 2
     gas_high_by_device: FloatArray | None = None
-    rise_per_min: float = 5.0  # %LEL per minute between consecutive readings
-    rise_min_lel: float = 3.0  # ... and at least this CH4
-    rise_clear_below: float = 5.0  # clear when CH4 below this or rate <= 0 ...
+    rise_per_min: float = 1.0  # %LEL per minute: the trend (Theil-Sen slope) over ...
+    rise_samples: int = 5  # ... this many readings (2 to 5) ...
+    rise_min_span_ms: int = 4 * MINUTE_MS  # ... spanning at least this long ...
+    rise_max_gap_ms: int = 10 * MINUTE_MS  # ... none further than this from the one before
+    rise_min_lel: float = 3.0  # ... with the latest at least this CH4
+    rise_clear_below: float = 5.0  # clear when CH4 below this or slope <= 0 ...
     rise_clear_samples: int = 2  # ... on this many consecutive readings
-    rise_max_gap_ms: int = 10 * MINUTE_MS  # pairs further apart give no rate
     ch4_min: float = -1.0  # outside [ch4_min, ch4_max] (or NaN) is a sensor fault
     ch4_max: float = 101.0
     stuck_samples: int = 30  # identical CH4 on this many readings ...
@@ -68,11 +71,17 @@ class DetectorParams:
     expected_interval_ms: float = 60_000.0
     expected_interval_ms_by_device: FloatArray | None = None
     silent_factor: float = 3.0
+    silent_grace_ms: float = 30_000.0  # ... plus this: gateway batching and delivery take time
+    skew_clear_samples: int = 2  # readings in a row within the clock tolerance clear CLOCK_SKEW
 
     def __post_init__(self) -> None:
         _check_counts(self)
         if self.gas_low_clear > self.gas_low or self.gas_high_clear > self.gas_high:
             raise ValueError("a gas clear level must not exceed its raise level")
+        if not self.gas_low_samples <= self.gas_low_window <= 31:
+            raise ValueError("gas_low_window must be >= gas_low_samples and at most 31")
+        if not 2 <= self.rise_samples <= 5:
+            raise ValueError("rise_samples must be 2 to 5")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -98,6 +107,14 @@ class MeterParams:
     pressure_clear: float = 1.5
     pressure_clear_samples: int = 3
     pressure_low_by_device: FloatArray | None = None
+    # Over-pressure: household appliances are made for 0.5-1.5 x the nominal supply pressure
+    # (2.0 kPa for natural gas in GB/T 13611), so above 3.0 kPa burners may lift or burn
+    # incompletely and a regulator has likely failed.
+    pressure_high: float = 3.0  # kPa, raised after pressure_high_samples readings above
+    pressure_high_samples: int = 2
+    pressure_high_clear: float = 2.8  # cleared after pressure_clear_samples at or below this
+    pressure_min: float = 0.0  # kPa: outside [min, max] no meter's sensor reports: a fault
+    pressure_max: float = 100.0
     valve_samples: int = 2  # flow with the valve closed on this many readings
     valve_clear_samples: int = 2
     tamper_clear_samples: int = 2
@@ -110,11 +127,15 @@ class MeterParams:
     expected_interval_ms: float = 60_000.0
     expected_interval_ms_by_device: FloatArray | None = None
     silent_factor: float = 3.0
+    silent_grace_ms: float = 30_000.0  # ... plus this: gateway batching and delivery take time
+    skew_clear_samples: int = 2
 
     def __post_init__(self) -> None:
         _check_counts(self)
         if self.pressure_clear < self.pressure_low:
             raise ValueError("pressure_clear must not be below pressure_low")
+        if not self.pressure_clear <= self.pressure_high_clear <= self.pressure_high:
+            raise ValueError("need pressure_clear <= pressure_high_clear <= pressure_high")
         if not 0 <= self.night_start_ms < self.night_end_ms <= DAY_MS:
             raise ValueError("night window must satisfy 0 <= start < end <= 24 h")
 
@@ -149,6 +170,7 @@ class DetectorColumns:
     comm_lost: BoolArray | None = None
     valve_closed: BoolArray | None = None  # not used by detection
     temp_c: FloatArray | None = None  # not used by detection
+    ahead_ms: FloatArray | None = None  # how far the stamp was ahead of ingest's clock (0: not)
 
     @classmethod
     def from_mapping(cls, idx: npt.ArrayLike, cols: Mapping[str, npt.ArrayLike]) -> DetectorColumns:
@@ -161,6 +183,7 @@ class DetectorColumns:
             fault=_opt_bool(cols, "fault"),
             eol=_opt_bool(cols, "eol"),
             comm_lost=_opt_bool(cols, "comm_lost"),
+            ahead_ms=_opt_float(cols, "ahead_ms"),
         )
 
 
@@ -178,6 +201,7 @@ class MeterColumns:
     tamper: BoolArray | None = None
     reverse_flow: BoolArray | None = None
     comm_lost: BoolArray | None = None
+    ahead_ms: FloatArray | None = None  # how far the stamp was ahead of ingest's clock (0: not)
 
     @classmethod
     def from_mapping(cls, idx: npt.ArrayLike, cols: Mapping[str, npt.ArrayLike]) -> MeterColumns:
@@ -193,4 +217,5 @@ class MeterColumns:
             tamper=_opt_bool(cols, "tamper"),
             reverse_flow=_opt_bool(cols, "reverse_flow"),
             comm_lost=_opt_bool(cols, "comm_lost"),
+            ahead_ms=_opt_float(cols, "ahead_ms"),
         )

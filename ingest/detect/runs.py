@@ -33,16 +33,21 @@ NO_TS = np.iinfo(np.int64).min
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-def order_fresh(idx: IntArray, ts: IntArray, last_ts: IntArray) -> tuple[IntArray, int]:
-    """Row order that sorts a batch by (idx, ts), stable, keeping only fresh readings.
+def order_fresh(idx: IntArray, ts: IntArray, last_ts: IntArray) -> tuple[IntArray, IntArray, int]:
+    """Row order that sorts a batch by (idx, ts), stable, keeping only fresh readings; and the
+    late ones apart.
 
-    A reading is stale (a replay) when its ts is not newer than the device's last processed
-    reading: older than or equal to ``last_ts[idx]`` or equal to the previous reading of the
-    same device in this batch. Returns (row indices, number of stale readings).
+    A reading is stale when its ts is not newer than the device's last processed reading:
+    older than or equal to ``last_ts[idx]`` or equal to the previous reading of the same
+    device in this batch. Of those, the *late* ones are strictly older than ``last_ts[idx]``
+    and not a repeat of the reading before them in the batch: they arrived after a newer
+    reading (an outage, a second path, a replayed spool) and are judged by the rules a single
+    reading decides. Returns (fresh rows, late rows, number of stale readings), rows in
+    (idx, ts) order.
     """
     n = len(idx)
     if n == 0:
-        return np.empty(0, np.int64), 0
+        return np.empty(0, np.int64), np.empty(0, np.int64), 0
     tmin = int(ts.min())
     span = int(ts.max()) - tmin
     shift_bits = max(span.bit_length(), 1)
@@ -57,11 +62,14 @@ def order_fresh(idx: IntArray, ts: IntArray, last_ts: IntArray) -> tuple[IntArra
     idx_s = idx[order]
     ts_s = ts[order]
     stale = ts_s <= last_ts[idx_s]
-    stale[1:] |= (idx_s[1:] == idx_s[:-1]) & (ts_s[1:] == ts_s[:-1])
+    repeat = np.zeros(n, np.bool_)
+    repeat[1:] = (idx_s[1:] == idx_s[:-1]) & (ts_s[1:] == ts_s[:-1])
+    late = (ts_s < last_ts[idx_s]) & ~repeat
+    stale |= repeat
     n_stale = int(np.count_nonzero(stale))
     if n_stale:
-        order = order[~stale]
-    return order, n_stale
+        return order[~stale], order[late], n_stale
+    return order, np.empty(0, np.int64), 0
 
 
 _ROOM = 1 << 32

@@ -1,7 +1,9 @@
-"""SILENT: a device that stops reporting is itself a hazard (a dead detector protects no one).
+"""SILENT: a device that stops reporting is itself a hazard (a dead detector protects no one);
+and CLOCK_SKEW, a device whose clock runs ahead.
 
 Raised by a reading flagged ``comm_lost`` (the gateway could not read the device) and by
-``scan_silence`` (no reading at all for ``silent_factor`` x the expected interval); cleared by
+``scan_silence`` (no reading at all for ``silent_factor`` x the expected interval and a grace
+for gateway batching and delivery); cleared by
 the next reading that carries values.
 """
 
@@ -13,9 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .batch import Batch, check_batch, flag
-from .events import BoolArray, Events, EventSink, IntArray, Rule, rule_bit
+from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .params import DetectorParams, MeterParams, per_device
-from .runs import NO_TS, order_fresh
+from .runs import NO_TS, order_fresh, run_lengths, sat32
 from .state import DetectorState, MeterState
 
 _BIT = rule_bit(Rule.SILENT)
@@ -31,6 +33,8 @@ class Fresh:
     """rows of the input columns, in the batch's order"""
     sink: EventSink
     stale: int
+    late: IntArray
+    """rows of late readings that carry values, by (device, ts) (see ``order_fresh``)"""
 
 
 def begin_batch(
@@ -43,10 +47,11 @@ def begin_batch(
     """Check a batch, drop replays, sort it by (device, ts), run SILENT over every fresh
     reading and advance ``last_ts``; then set ``comm_lost`` readings aside."""
     check_batch(idx, state.capacity, lengths)
-    order, stale = order_fresh(idx, ts, state.last_ts)
+    order, late, stale = order_fresh(idx, ts, state.last_ts)
+    late = late[~flag(comm_lost, late)]
     sink = EventSink()
     if len(order) == 0:
-        return Fresh(None, order, sink, stale)
+        return Fresh(None, order, sink, stale, late)
     comm = flag(comm_lost, order)
     idx, ts = idx[order], ts[order]
     batch = Batch.of(idx, ts, state.open, sink)
@@ -56,16 +61,29 @@ def begin_batch(
         keep = ~comm
         order = order[keep]
         if len(order) == 0:
-            return Fresh(None, order, sink, stale)
+            return Fresh(None, order, sink, stale, late)
         batch = Batch.of(idx[keep], ts[keep], state.open, sink)
-    return Fresh(batch, order, sink, stale)
+    return Fresh(batch, order, sink, stale, late)
+
+
+def clock_skew(
+    b: Batch, clear_samples: int, st: DetectorState | MeterState, ahead: FloatArray
+) -> None:
+    """CLOCK_SKEW: a reading stamped ahead of ingest's clock beyond the tolerance (``ahead``
+    ms, > 0; the consumer judged it at its arrival time) raises it, with the skew in seconds;
+    ``clear_samples`` readings in a row within the tolerance clear it."""
+    skewed = ahead > 0
+    ok_run = run_lengths(b.sg, ahead == 0, st.cs_ok[b.dev])
+    b.switch(Rule.CLOCK_SKEW, skewed, ok_run >= clear_samples, ahead / 1000.0)
+    st.cs_ok[b.dev] = sat32(ok_run[b.last])
 
 
 def scan_silence(
     state: DetectorState | MeterState, now_ms: int, params: DetectorParams | MeterParams
 ) -> Events:
     """Raise SILENT (at ``now_ms``) for every device that has reported at least once, whose
-    last reading of any kind is older than ``silent_factor`` x its expected interval, and whose
+    last reading of any kind is older than ``silent_factor`` x its expected interval plus
+    ``silent_grace_ms`` (a reading due now may still be on its way), and whose
     SILENT alarm is not open yet. Updates ``state`` in place; value = seconds since the last
     reading. Call it periodically (e.g. every expected interval) with the consumer's clock.
     """
@@ -77,10 +95,12 @@ def scan_silence(
     reported = last != NO_TS
     age = np.where(reported, np.int64(now_ms) - np.where(reported, last, 0), 0)
     silent = (
-        reported & ((state.open & np.uint16(_BIT)) == 0) & (age > params.silent_factor * expected)
+        reported
+        & ((state.open & np.uint32(_BIT)) == 0)
+        & (age > params.silent_factor * expected + params.silent_grace_ms)
     )
     dev = np.flatnonzero(silent)
-    state.open[dev] |= np.uint16(_BIT)
+    state.open[dev] |= np.uint32(_BIT)
     return Events(
         idx=dev,
         ts=np.full(len(dev), now_ms, np.int64),

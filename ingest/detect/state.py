@@ -3,7 +3,7 @@
 Carried values that later readings are compared with (last CH4, last volume, the usual peak)
 stay float64: rounding them to float32 would make the result depend on where a batch ends.
 Counters are int32 (saturating), timestamps int64 epoch ms (``NO_TS``: none), and the open
-alarms one uint16 bit mask per device (bit ``1 << rule``; bits 13-14 are internal).
+alarms one uint32 bit mask per device (bit ``1 << rule``; bits 13-14 are internal).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .runs import NO_TS
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-U16 = npt.NDArray[np.uint16]
+U32 = npt.NDArray[np.uint32]
 
 ML_NIGHT_BIT = 1 << 13
 """internal: the micro-leak's night branch holds (MICRO_LEAK is open while either holds)"""
@@ -27,20 +27,31 @@ ML_DAYS_BIT = 1 << 14
 """internal: the micro-leak's never-zero branch holds"""
 
 FieldSpec = tuple[str, type[np.generic], float | int]
+REQUIRED = frozenset({"last_ts", "open"})  # what every saved state has
+RISE_HISTORY = 4
+"""readings before the latest that GAS_RISING's window keeps (its window is at most 5)"""
+WIDTH: dict[str, int] = {"rise_x": RISE_HISTORY, "rise_ts": RISE_HISTORY}
+"""fields with a row of values per device (the others have one value)"""
+
+
+def _shape(name: str, capacity: int) -> tuple[int, ...]:
+    width = WIDTH.get(name)
+    return (capacity,) if width is None else (capacity, width)
 
 
 class _State:
-    """Common machinery: every field is one array of length ``capacity``."""
+    """Common machinery: every field is one array of length ``capacity`` (a few are
+    ``capacity`` x ``WIDTH``)."""
 
     FIELDS: ClassVar[tuple[FieldSpec, ...]]
     last_ts: I64
-    open: U16
+    open: U32
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, not {capacity}")
         for name, dtype, fill in self.FIELDS:
-            setattr(self, name, np.full(capacity, fill, dtype))
+            setattr(self, name, np.full(_shape(name, capacity), fill, dtype))
 
     @property
     def capacity(self) -> int:
@@ -57,14 +68,14 @@ class _State:
         if new_capacity < old:
             raise ValueError(f"cannot shrink state from {old} to {new_capacity} devices")
         for name, dtype, fill in self.FIELDS:
-            arr = np.full(new_capacity, fill, dtype)
+            arr = np.full(_shape(name, new_capacity), fill, dtype)
             arr[:old] = getattr(self, name)
             setattr(self, name, arr)
         return self
 
     def is_open(self, rule: Rule) -> BoolArray:
         """Per device: is ``rule``'s alarm open?"""
-        return np.asarray((self.open & np.uint16(rule_bit(rule))) != 0, np.bool_)
+        return np.asarray((self.open & np.uint32(rule_bit(rule))) != 0, np.bool_)
 
     def to_arrays(self) -> dict[str, npt.NDArray[np.generic]]:
         """A copy of every field, for ``np.savez`` or a bytea column."""
@@ -72,9 +83,10 @@ class _State:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, npt.NDArray[np.generic]]) -> Self:
-        """Rebuild from ``to_arrays()`` output (e.g. loaded from an .npz)."""
+        """Rebuild from ``to_arrays()`` output (e.g. loaded from an .npz). A field the saved
+        state does not have yet (it was saved by an earlier version) starts at its default."""
         names = {name for name, _, _ in cls.FIELDS}
-        missing = sorted(names - arrays.keys())
+        missing = sorted(REQUIRED - arrays.keys())
         extra = sorted(arrays.keys() - names)
         if missing or extra:
             raise ValueError(f"{cls.__name__} arrays: missing {missing}, unexpected {extra}")
@@ -82,10 +94,15 @@ class _State:
         if len(lengths) != 1:
             raise ValueError(f"{cls.__name__} arrays have different lengths: {sorted(lengths)}")
         state = cls(0)
-        for name, dtype, _ in cls.FIELDS:
+        n = lengths.pop()
+        for name, dtype, fill in cls.FIELDS:
+            shape = _shape(name, n)
+            if name not in arrays:  # a field newer than the saved state: its default
+                setattr(state, name, np.full(shape, fill, dtype))
+                continue
             arr = np.asarray(arrays[name])
-            if arr.ndim != 1 or not np.can_cast(arr.dtype, dtype, casting="same_kind"):
-                raise ValueError(f"{cls.__name__}.{name}: expected 1-D {dtype.__name__}")
+            if arr.shape != shape or not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+                raise ValueError(f"{cls.__name__}.{name}: expected {shape} {dtype.__name__}")
             setattr(state, name, np.array(arr, dtype=dtype))
         return state
 
@@ -97,7 +114,7 @@ class DetectorState(_State):
         ("last_ts", np.int64, NO_TS),  # last processed reading (comm_lost included)
         ("norm_ts", np.int64, NO_TS),  # last reading that carried values
         ("last_ch4", np.float64, np.nan),  # its CH4
-        ("open", np.uint16, 0),
+        ("open", np.uint32, 0),
         ("gl_hi", np.int32, 0),  # run: CH4 >= gas_low
         ("gl_clr", np.int32, 0),  # run: CH4 < gas_low_clear and no alarm flag
         ("gh_clr", np.int32, 0),  # run: CH4 < gas_high_clear
@@ -105,6 +122,12 @@ class DetectorState(_State):
         ("sf_ok", np.int32, 0),  # run: no fault
         ("same_n", np.int32, 0),  # readings in the current stretch of identical CH4
         ("same_ts", np.int64, NO_TS),  # ts of that stretch's first reading
+        ("gl_hist", np.int32, 0),  # CH4 >= gas_low on the last readings (bit 0: the latest)
+        ("gl_until", np.int64, NO_TS),  # GAS_LOW's latest clear (late readings: late.py)
+        ("gh_until", np.int64, NO_TS),  # GAS_HIGH's
+        ("cs_ok", np.int32, 0),  # run: a clock within the tolerance
+        ("rise_x", np.float32, np.nan),  # CH4 of the last RISE_HISTORY readings (col 0: latest)
+        ("rise_ts", np.int64, NO_TS),  # and their ts
     )
     norm_ts: I64
     last_ch4: F64
@@ -115,6 +138,12 @@ class DetectorState(_State):
     sf_ok: I32
     same_n: I32
     same_ts: I64
+    gl_hist: I32
+    gl_until: I64
+    gh_until: I64
+    cs_ok: I32
+    rise_x: npt.NDArray[np.float32]
+    rise_ts: I64
 
 
 class MeterState(_State):
@@ -124,7 +153,7 @@ class MeterState(_State):
         ("last_ts", np.int64, NO_TS),
         ("norm_ts", np.int64, NO_TS),
         ("last_volume", np.float64, np.nan),
-        ("open", np.uint16, 0),
+        ("open", np.uint32, 0),
         ("burst_clr", np.int32, 0),  # while open: run of flow < clear ratio x threshold
         ("peak", np.float64, 0.0),  # usual peak flow as of peak_ts (decays from there)
         ("peak_ts", np.int64, NO_TS),
@@ -138,6 +167,12 @@ class MeterState(_State):
         ("tamper_off", np.int32, 0),
         ("rf_off", np.int32, 0),
         ("sf_ok", np.int32, 0),
+        ("ph_hi", np.int32, 0),  # run: pressure > pressure_high
+        ("ph_ok", np.int32, 0),  # run: pressure <= pressure_high_clear
+        ("burst_until", np.int64, NO_TS),  # latest clears (late readings: late.py): BURST
+        ("vf_until", np.int64, NO_TS),  # VALVE_FAULT (gas past a closed valve)
+        ("ph_until", np.int64, NO_TS),  # PRESSURE_HIGH
+        ("cs_ok", np.int32, 0),
     )
     norm_ts: I64
     last_volume: F64
@@ -154,3 +189,9 @@ class MeterState(_State):
     tamper_off: I32
     rf_off: I32
     sf_ok: I32
+    ph_hi: I32
+    ph_ok: I32
+    burst_until: I64
+    vf_until: I64
+    ph_until: I64
+    cs_ok: I32

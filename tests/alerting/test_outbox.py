@@ -108,3 +108,11 @@ def test_an_alarms_clear_is_never_applied_before_its_raise_by_another_instance(
     assert all(k == ["opened", "alarm_cleared"] for _, k in kinds), [
         k for k in kinds if k[1] != ["opened", "alarm_cleared"]
     ]
+
+
+def test_every_detection_rule_has_a_route_to_a_ticket() -> None:
+    """A rule ingest can raise but the hotline cannot route would end as an unreadable alarm."""
+    from alerting.outbox import RULES
+    from ingest.detect import Rule
+
+    assert {r.name.lower() for r in Rule} <= set(RULES), "add the new rule to alerting RULES"

@@ -170,7 +170,7 @@ def test_the_hotline_shows_failed_rows_and_keeps_turning_alarms_into_tickets(
         assert "gasguard_hotline_outbox_rows_failed_total 1.0" in metrics
 
 
-def test_a_reading_of_1e300_ends_as_a_readable_ticket_and_the_leaks_after_it_flow(
+def test_a_reading_of_1e300_ends_as_a_readable_fault_ticket_and_the_leaks_after_it_flow(
     database: str, mosquitto: Broker, tmp_path: Path
 ) -> None:
     """Through the chain: a gateway publishes the absurd reading, then a real leak next door."""
@@ -188,8 +188,8 @@ def test_a_reading_of_1e300_ends_as_a_readable_ticket_and_the_leaks_after_it_flo
         with running_hotline(database) as hotline:
             publish_all(mosquitto, [reading(1, "D-0001", 1e300, now)])
             wait_for(lambda: query(database, "SELECT count(*) FROM tickets WHERE household_id "
-                                   "= 'H-0001' AND cause = 'gas_leak'") == [(1,)], 15,
-                     "a ticket for the absurd reading")  # fmt: skip
+                                   "= 'H-0001' AND cause = 'device_fault'") == [(1,)], 15,
+                     "a device-fault ticket for the absurd reading")  # fmt: skip
             publish_all(mosquitto, [reading(2, "D-0002", 30.0, now + 1000)])
             wait_for(lambda: query(database, "SELECT priority FROM tickets WHERE household_id = "
                                    "'H-0002' AND cause = 'gas_leak'") == [("critical",)], 15,
@@ -204,3 +204,15 @@ def test_a_reading_of_1e300_ends_as_a_readable_ticket_and_the_leaks_after_it_flo
             assert health.status_code == 200 and health.json()["stopped_tasks"] == []
     finally:
         ingest.stop()
+    # a sensor fault with the raw value as evidence, never a gas alarm; never +Infinity stored
+    assert query(database, "SELECT rule, raise_value FROM alarms WHERE device_id = 'D-0001'") == [
+        ("sensor_fault", 1e300)
+    ]
+    assert query(database, "SELECT count(*) FROM tickets WHERE household_id = 'H-0001'") == [(1,)]
+    stored = query(database, "SELECT ch4_lel::text FROM detector_readings r JOIN devices d "
+                             "ON d.key = r.device_key WHERE d.id = 'D-0001'")  # fmt: skip
+    assert stored == [("NaN",)]
+    wait_for(lambda: query(database, "SELECT count(*) FROM detector_hourly") != [(0,)], 10,
+             "the hourly rollup folded")  # fmt: skip
+    rollup = "SELECT h.max_ch4_lel FROM detector_hourly h JOIN devices d ON d.key = h.device_key "
+    assert query(database, rollup + "WHERE d.id = 'D-0001'") == [(None,)]

@@ -182,3 +182,34 @@ def test_comm_lost_is_skipped_by_the_other_rules() -> None:
     assert run(cols, Rule.VALVE_FAULT) == [(2, True), (4, False)]
     assert run(cols, Rule.SILENT) == [(1, True), (2, False)]
     assert run(cols, Rule.SENSOR_FAULT) == []
+
+
+def test_supply_over_pressure_raises_after_two_readings_and_clears_at_or_below_2_8() -> None:
+    p = [2.0, 3.2, 2.9, 3.5, 3.1, 2.9, 2.8, 2.7, NAN, 2.0]
+    cols = stream([0.0] * len(p), pressure_kpa=p)
+    assert run(cols, Rule.PRESSURE_HIGH) == [(4, True), (9, False)]
+    assert run(stream([0.0] * 4, pressure_kpa=[3.0] * 4), Rule.PRESSURE_HIGH) == []
+
+
+def test_an_impossible_flow_or_pressure_is_a_sensor_fault_and_never_a_burst() -> None:
+    for flow in (1e300, 1e30, 61.0, -50.0):
+        events, _ = detect_meters(stream([0.1, flow, flow, 0.1, 0.1]), G16, MeterState(1))
+        assert {r for _, _, r, _, _ in events.rows()} == {Rule.SENSOR_FAULT}, flow
+    p = [2.0, 1e300, -5.0, 2.0, 2.0]
+    events, _ = detect_meters(stream([0.0] * 5, pressure_kpa=p), G16, MeterState(1))
+    assert [(r, up) for _, _, r, up, _ in events.rows()] == [
+        (Rule.SENSOR_FAULT, True), (Rule.SENSOR_FAULT, False)]  # fmt: skip
+
+
+def test_late_burst_gas_past_a_closed_valve_and_over_pressure_raise_their_alarms() -> None:
+    state = MeterState(1)
+    detect_meters(stream([0.1] * 5, t0=T0 + HOUR_MS, pressure_kpa=[2.0] * 5), G16, state)
+    one = stream([0.2], ts=[T0 + 2 * MINUTE_MS], valve_closed=[1], pressure_kpa=[4.0])
+    assert len(detect_meters(one, G16, state)[0]) == 0, "one late reading: as in time order"
+    late = stream([5.0, 0.2, 0.2], ts=[T0, T0 + MINUTE_MS, T0 + 3 * MINUTE_MS],
+                  valve_closed=[0, 1, 1], pressure_kpa=[2.0, 4.0, 4.0])  # fmt: skip
+    events, _ = detect_meters(late, G16, state)
+    assert [(r, up, t) for _, t, r, up, _ in events.rows()] == [
+        (Rule.BURST, True, T0), (Rule.VALVE_FAULT, True, T0 + MINUTE_MS),
+        (Rule.PRESSURE_HIGH, True, T0 + MINUTE_MS)]  # fmt: skip
+    assert len(detect_meters(late, G16, state)[0]) == 0, "a replay while open: nothing"

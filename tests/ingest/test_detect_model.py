@@ -22,7 +22,7 @@ from ingest.detect import (
     Rule,
 )
 from ingest.detect.params import DAY_MS, MINUTE_MS
-from ingest.detect.state import ML_DAYS_BIT, ML_NIGHT_BIT
+from ingest.detect.state import ML_DAYS_BIT, ML_NIGHT_BIT, RISE_HISTORY
 
 Event = tuple[int, int, int, bool, float | None]  # idx, ts, rule, raised, value (None: NaN)
 NAN = math.nan
@@ -51,6 +51,10 @@ class RefDevice:
     sf_ok: int = 0
     same_n: int = 0
     same_ts: int | None = None
+    recent_low: list[bool] = field(default_factory=list)  # CH4 >= gas_low, oldest first
+    rise_hist: list[tuple[float, int]] = field(default_factory=list)  # newest first
+    cs_ok: int = 0
+    until: dict[int, int] = field(default_factory=dict)  # rule -> its latest clear
     # meter
     last_volume: float = NAN
     burst_clr: int = 0
@@ -67,6 +71,8 @@ class RefDevice:
     rf_off: int = 0
     ml_night: bool = False
     ml_days: bool = False
+    ph_hi: int = 0
+    ph_ok: int = 0
 
 
 class Reference:
@@ -84,6 +90,22 @@ class Reference:
         rows.sort(key=lambda r: (r["idx"], r["ts"]))  # stable
         events: list[Event] = []
         stale = 0
+        late: dict[int, list[dict[str, Any]]] = {}
+        previous: tuple[int, int] | None = None
+        for r in rows:  # late readings: older than the device's newest, not a repeat
+            i, ts = r["idx"], r["ts"]
+            d = self.dev[i]
+            repeat = previous == (i, ts)
+            previous = (i, ts)
+            lost = r.get("comm_lost", False)
+            if d.last_ts is not None and ts < d.last_ts and not repeat and not lost:
+                late.setdefault(i, []).append(r)
+        for i, mine in late.items():
+            if self.kind == "detector":
+                self._late_detector(i, mine, events)
+            else:
+                self._late_meter(i, mine, events)
+        previous = None
         for r in rows:
             i = r["idx"]
             d = self.dev[i]
@@ -104,13 +126,53 @@ class Reference:
         events.sort(key=lambda e: (e[1], e[0], e[2]))
         return events, stale
 
+    def _raise_late(self, i: int, rule: Rule, rows: list[dict[str, Any]], hits: list[bool],
+                    values: list[float], events: list[Event]) -> None:  # fmt: skip
+        """The first late hit outside what the rule's latest clear covers raises it."""
+        d = self.dev[i]
+        for r, hit, v in zip(rows, hits, values, strict=True):
+            cleared = d.until.get(int(rule))
+            if hit and rule not in d.open and (cleared is None or r["ts"] > cleared):
+                _Out(i, r["ts"], d, events).set(rule, True, v)
+                return
+
+    def _late_detector(self, i: int, rows: list[dict[str, Any]], events: list[Event]) -> None:
+        p: DetectorParams = self.p
+        xs = [ch4_seen(r["ch4_lel"], p) for r in rows]
+        high = override(p.gas_high_by_device, i, p.gas_high)
+        self._raise_late(i, Rule.GAS_HIGH, rows, [x >= high for x in xs], xs, events)
+        low = override(p.gas_low_by_device, i, p.gas_low)
+        at_low = [x >= low for x in xs]
+        enough = sum(at_low) >= p.gas_low_samples
+        hits = [r["alarm"] or (a and enough) for r, a in zip(rows, at_low, strict=True)]
+        self._raise_late(i, Rule.GAS_LOW, rows, hits, xs, events)
+
+    def _late_meter(self, i: int, rows: list[dict[str, Any]], events: list[Event]) -> None:
+        p: MeterParams = self.p
+        q = override(p.qmax_by_device, i, p.qmax)
+        fs = [flow_seen(r["flow_m3h"], q, p) for r in rows]
+        self._raise_late(i, Rule.BURST, rows, [f > q for f in fs], fs, events)
+        passing = [bool(r.get("valve_closed", False)) and abs(f) > p.near_zero
+                   for r, f in zip(rows, fs, strict=True)]  # fmt: skip
+        enough = sum(passing) >= p.valve_samples
+        self._raise_late(i, Rule.VALVE_FAULT, rows, [h and enough for h in passing], fs, events)
+        prs = [pressure_seen(r.get("pressure_kpa", NAN), p) for r in rows]
+        over = [pr > p.pressure_high for pr in prs]
+        enough = sum(over) >= p.pressure_high_samples
+        self._raise_late(i, Rule.PRESSURE_HIGH, rows, [h and enough for h in over], prs, events)
+
     def _detector(self, i: int, d: RefDevice, r: dict[str, Any], out: _Out) -> None:
         p: DetectorParams = self.p
-        ts, x, alarm = r["ts"], r["ch4_lel"], r["alarm"]
+        ts, raw, alarm = r["ts"], r["ch4_lel"], r["alarm"]
+        x = ch4_seen(raw, p)  # what the gas rules see: no value where no sensor could report
         low = override(p.gas_low_by_device, i, p.gas_low)
-        d.gl_hi = d.gl_hi + 1 if x >= low else 0
+        at_low = x >= low
+        d.gl_hi = d.gl_hi + 1 if at_low else 0
+        window = d.recent_low[-(p.gas_low_window - 1) :] if p.gas_low_window > 1 else []
+        hits = sum(window) + at_low
+        d.recent_low = [*window, at_low]
         d.gl_clr = d.gl_clr + 1 if x < min(p.gas_low_clear, low) and not alarm else 0
-        if d.gl_hi >= p.gas_low_samples or alarm:
+        if (at_low and hits >= p.gas_low_samples) or alarm:
             out.set(Rule.GAS_LOW, True, x)
         elif d.gl_clr >= p.gas_low_clear_samples:
             out.set(Rule.GAS_LOW, False, x)
@@ -122,38 +184,63 @@ class Reference:
         elif d.gh_clr >= p.gas_high_clear_samples:
             out.set(Rule.GAS_HIGH, False, x)
 
-        rate = NAN
-        if d.norm_ts is not None and ts - d.norm_ts <= p.rise_max_gap_ms:
-            rate = (x - d.last_ch4) / ((ts - d.norm_ts) / MINUTE_MS)
-        rising = rate > p.rise_per_min and x >= p.rise_min_lel
-        calm = not rising and (x < p.rise_clear_below or rate <= 0)
+        win = [(float(np.float32(x)), ts), *d.rise_hist]  # newest first
+        d.rise_hist = win[:RISE_HISTORY]
+        m, slope = p.rise_samples, NAN
+        w = win[:m]
+        if (
+            len(w) == m
+            and not any(math.isnan(v) for v, _ in w)
+            and all(w[k][1] - w[k + 1][1] <= p.rise_max_gap_ms for k in range(m - 1))
+            and w[0][1] - w[-1][1] >= p.rise_min_span_ms
+        ):
+            pairs = [
+                (w[i][0] - w[j][0]) / max(float(w[i][1] - w[j][1]), 1.0) * MINUTE_MS
+                for i in range(m)
+                for j in range(i + 1, m)
+            ]
+            slope = float(np.median(pairs))
+        rising = slope > p.rise_per_min and x >= p.rise_min_lel and win[0][0] >= win[1][0]
+        calm = not rising and (x < p.rise_clear_below or slope <= 0)
         d.gr_clr = d.gr_clr + 1 if calm else 0
         if rising:
             out.set(Rule.GAS_RISING, True, x)
         elif d.gr_clr >= p.rise_clear_samples:
             out.set(Rule.GAS_RISING, False, x)
 
-        if x == d.last_ch4:
+        if raw == d.last_ch4:
             d.same_n += 1
         else:
             d.same_n, d.same_ts = 1, ts
         assert d.same_ts is not None
         stuck = (
-            d.same_n >= p.stuck_samples and ts - d.same_ts >= p.stuck_ms and x > p.stuck_above_lel
+            d.same_n >= p.stuck_samples and ts - d.same_ts >= p.stuck_ms and raw > p.stuck_above_lel
         )
-        in_range = p.ch4_min <= x <= p.ch4_max
+        in_range = p.ch4_min <= raw <= p.ch4_max
         bad = r.get("fault", False) or r.get("eol", False) or not in_range or stuck
         d.sf_ok = 0 if bad else d.sf_ok + 1
         if bad:
-            out.set(Rule.SENSOR_FAULT, True, x)
+            out.set(Rule.SENSOR_FAULT, True, raw)
         elif d.sf_ok >= p.fault_clear_samples:
-            out.set(Rule.SENSOR_FAULT, False, x)
-        d.last_ch4 = x
+            out.set(Rule.SENSOR_FAULT, False, raw)
+        self._clock(d, r, out, p.skew_clear_samples)
+        d.last_ch4 = raw
+
+    @staticmethod
+    def _clock(d: RefDevice, r: dict[str, Any], out: _Out, clear_samples: int) -> None:
+        ahead = r.get("ahead_ms", 0.0)
+        ahead = 0.0 if math.isnan(ahead) else ahead
+        d.cs_ok = d.cs_ok + 1 if ahead == 0 else 0
+        if ahead > 0:
+            out.set(Rule.CLOCK_SKEW, True, ahead / 1000.0)
+        elif d.cs_ok >= clear_samples:
+            out.set(Rule.CLOCK_SKEW, False, ahead / 1000.0)
 
     def _meter(self, i: int, d: RefDevice, r: dict[str, Any], out: _Out) -> None:
         p: MeterParams = self.p
-        ts, f = r["ts"], r["flow_m3h"]
+        ts, raw = r["ts"], r["flow_m3h"]
         q = override(p.qmax_by_device, i, p.qmax)
+        f = flow_seen(raw, q, p)  # what the flow rules see
         nz = p.near_zero
         # BURST: usual peak = decaying running max of flow over non-burst readings
         decayed = 0.0
@@ -203,7 +290,8 @@ class Reference:
             d.ml_days = False
         out.set(Rule.MICRO_LEAK, d.ml_night or d.ml_days, f)
 
-        pr = r.get("pressure_kpa", NAN)
+        raw_pr = r.get("pressure_kpa", NAN)
+        pr = pressure_seen(raw_pr, p)
         if not math.isnan(pr):
             low = override(p.pressure_low_by_device, i, p.pressure_low)
             d.pl_lo = d.pl_lo + 1 if pr < low else 0
@@ -212,6 +300,12 @@ class Reference:
                 out.set(Rule.PRESSURE_LOW, True, pr)
             elif d.pl_hi >= p.pressure_clear_samples:
                 out.set(Rule.PRESSURE_LOW, False, pr)
+            d.ph_hi = d.ph_hi + 1 if pr > p.pressure_high else 0
+            d.ph_ok = d.ph_ok + 1 if pr <= p.pressure_high_clear else 0
+            if d.ph_hi >= p.pressure_high_samples:
+                out.set(Rule.PRESSURE_HIGH, True, pr)
+            elif d.ph_ok >= p.pressure_clear_samples:
+                out.set(Rule.PRESSURE_HIGH, False, pr)
 
         leak = r.get("valve_closed", False) and abs(f) > nz
         d.vf_on = d.vf_on + 1 if leak else 0
@@ -239,15 +333,17 @@ class Reference:
         bad = (
             d.last_volume - vol > p.volume_drop_m3
             or math.isnan(vol)
-            or not (-q <= f <= p.flow_max_factor * q)
+            or not (-q <= raw <= p.flow_max_factor * q)
             or batt < p.battery_min
             or batt > p.battery_max
+            or (not math.isnan(raw_pr) and math.isnan(pr))
         )
         d.sf_ok = 0 if bad else d.sf_ok + 1
         if bad:
-            out.set(Rule.SENSOR_FAULT, True, f)
+            out.set(Rule.SENSOR_FAULT, True, raw)
         elif d.sf_ok >= p.fault_clear_samples:
-            out.set(Rule.SENSOR_FAULT, False, f)
+            out.set(Rule.SENSOR_FAULT, False, raw)
+        self._clock(d, r, out, p.skew_clear_samples)
         d.last_volume = vol
 
     def state_arrays(self, names: list[str]) -> dict[str, np.ndarray]:
@@ -259,6 +355,17 @@ class Reference:
                 if name == "open":
                     v: Any = sum(1 << int(r) for r in d.open)
                     v |= (ML_NIGHT_BIT if d.ml_night else 0) | (ML_DAYS_BIT if d.ml_days else 0)
+                elif name == "gl_hist":  # bit 0: the latest reading
+                    keep = getattr(self.p, "gas_low_window", 1) - 1
+                    recent = d.recent_low[-keep:] if keep else []
+                    v = sum(1 << q for q, hit in enumerate(reversed(recent)) if hit)
+                elif name in ("rise_x", "rise_ts"):
+                    col = 0 if name == "rise_x" else 1
+                    fill: Any = NAN if name == "rise_x" else NO_TS
+                    have = [h[col] for h in d.rise_hist]
+                    v = have + [fill] * (RISE_HISTORY - len(have))
+                elif name.endswith("_until"):
+                    v = d.until.get(int(UNTIL_RULES[name]))
                 else:
                     v = getattr(d, name)
                 vals.append(NO_TS if v is None else v)
@@ -280,7 +387,24 @@ class _Out:
             self.d.open.add(rule)
         else:
             self.d.open.discard(rule)
+            self.d.until[int(rule)] = max(self.d.until.get(int(rule), self.ts), self.ts)
         self.events.append((self.i, self.ts, int(rule), on, None if math.isnan(value) else value))
+
+
+UNTIL_RULES = {"gl_until": Rule.GAS_LOW, "gh_until": Rule.GAS_HIGH, "burst_until": Rule.BURST,
+               "vf_until": Rule.VALVE_FAULT, "ph_until": Rule.PRESSURE_HIGH}  # fmt: skip
+
+
+def ch4_seen(x: float, p: DetectorParams) -> float:
+    return x if p.ch4_min <= x <= p.ch4_max else NAN
+
+
+def flow_seen(f: float, q: float, p: MeterParams) -> float:
+    return f if -q <= f <= p.flow_max_factor * q else NAN
+
+
+def pressure_seen(pr: float, p: MeterParams) -> float:
+    return pr if p.pressure_min <= pr <= p.pressure_max else NAN
 
 
 def event_rows(events: Any) -> list[Event]:

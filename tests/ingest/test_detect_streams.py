@@ -71,7 +71,7 @@ def detector_stream(rng: np.random.Generator, devices: int, length: int) -> Colu
             alarm[j] = (x >= 12 and rng.random() < 0.5) or rng.random() < 0.01
             fault[j] = rng.random() < 0.01
         ch4[rng.random(length) < 0.004] = np.nan
-        ch4[rng.random(length) < 0.004] = rng.choice([-3.0, 105.0])
+        ch4[rng.random(length) < 0.004] = rng.choice([-3.0, 105.0, 1e300, -50.0, 1e30])
         comm = rng.random(length) < 0.03
         ch4[comm] = np.nan
         alarm[comm] = fault[comm] = False
@@ -85,9 +85,24 @@ def detector_stream(rng: np.random.Generator, devices: int, length: int) -> Colu
                 "fault": fault,
                 "eol": eol,
                 "comm_lost": comm,
+                "ahead_ms": ahead_column(rng, length),
             }
         )
     return _merge(out)
+
+
+def ahead_column(rng: np.random.Generator, length: int) -> np.ndarray:
+    """How far ahead of ingest's clock each reading was stamped: mostly not at all, with a few
+    stretches of a clock running minutes ahead."""
+    ahead = np.zeros(length)
+    j = 0
+    while j < length:
+        if rng.random() < 0.01:
+            n = int(rng.integers(1, 6))
+            ahead[j : j + n] = rng.uniform(60_000, 600_000, len(ahead[j : j + n])).round()
+            j += n
+        j += 1
+    return ahead
 
 
 def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.ndarray) -> Columns:
@@ -144,7 +159,7 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
                 tamper[j] = True
             flow[j] = round(f, 4)
         flow[rng.random(length) < 0.003] = np.nan
-        flow[rng.random(length) < 0.002] = 20 * q
+        flow[rng.random(length) < 0.002] = rng.choice([20 * q, 1e300, -50.0])
         hours = np.diff(ts, prepend=ts[0]) / HOUR_MS
         volume = 1000 + np.cumsum(np.nan_to_num(np.abs(flow)) * hours)
         drop = rng.random(length) < 0.005
@@ -156,7 +171,10 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
             pr += 0.15 * rng.standard_normal() + 0.1 * (1.6 - pr)
             if rng.random() < 0.02:
                 pr = float(rng.uniform(0.8, 1.3))
+            elif rng.random() < 0.015:
+                pr = float(rng.uniform(2.9, 3.8))  # a failed regulator
             pressure[j] = round(pr, 2)
+        pressure[rng.random(length) < 0.003] = rng.choice([1e300, -5.0, 150.0])
         pressure[rng.random(length) < 0.05] = np.nan
         if i % 4 == 3:
             pressure[:] = np.nan  # a profile without a pressure sensor
@@ -181,6 +199,7 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
                 "tamper": tamper,
                 "reverse_flow": reverse,
                 "comm_lost": comm,
+                "ahead_ms": ahead_column(rng, length),
             }
         )
     return _merge(out)

@@ -206,3 +206,41 @@ def test_stock_rollups_have_the_columns_the_timescale_smoke_test_expects(databas
             (table,),
         )
         assert [tuple(c) for c in found] == columns, table
+
+
+def test_a_reading_is_stored_once_per_device_and_time_and_repeats_are_reported(
+    database: str, tmp_path: Path
+) -> None:
+    register(database, registry_csv(tmp_path / "r.csv", "GW-1", 0, 2))
+    t0 = int(datetime(2026, 3, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
+
+    def batch(ts: list[int], keys: list[int], flow: list[float]) -> dict[str, np.ndarray]:
+        n = len(ts)
+        return {"ts": np.array(ts, np.int64), "device_key": np.array(keys, np.int32),
+                "volume_m3": np.full(n, 1.0), "flow_m3h": np.array(flow),
+                "comm_lost": np.array([np.isnan(f) for f in flow])}  # fmt: skip
+
+    async def run() -> list[list[bool]]:
+        out = []
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            await Partitions("stock").ensure(conn, "meter_readings", [t0 // 86_400_000])
+            for cols in (
+                batch([t0, t0 + 60_000, t0 + 120_000], [1, 1, 2], [0.1, 0.2, np.nan]),
+                # again, under another batch: two repeats (one lost), one new, one twice in it
+                batch(
+                    [t0 + 60_000, t0 + 120_000, t0 + 180_000, t0 + 180_000],
+                    [1, 2, 1, 1],
+                    [0.2, np.nan, 0.3, 0.3],
+                ),
+                batch([t0 + 240_000], [2], [0.4]),  # no repeat: the plain COPY
+            ):
+                async with conn.transaction(), conn.cursor() as cur:
+                    out.append((await copy_readings(cur, "meter", cols)).tolist())
+        return out
+
+    assert asyncio.run(run()) == [[True] * 3, [False, False, True, False], [True]]
+    rows = query(database, "SELECT device_key, ts, flow_m3h, comm_lost FROM meter_readings "
+                           "ORDER BY device_key, ts")  # fmt: skip
+    assert [(k, int(ts.timestamp() * 1000) - t0, f, lost) for k, ts, f, lost in rows] == [
+        (1, 0, 0.1, False), (1, 60_000, 0.2, False), (1, 180_000, 0.3, False),
+        (2, 120_000, None, True), (2, 240_000, 0.4, False)]  # fmt: skip
