@@ -26,7 +26,7 @@ import numpy as np
 from firmware_sim.clock import SimClock
 from firmware_sim.errors import SimError
 from firmware_sim.fleet import Device, Fleet, build_fleet
-from firmware_sim.scenario import Event, FleetSpec, Scenario
+from firmware_sim.scenario import Clear, Event, FleetSpec, Scenario
 from firmware_sim.scenario import Valve as ValveEvent
 from gasguard.fields import FIELDS, Kind
 
@@ -180,8 +180,10 @@ class Simulation:
                 "%s on %s%s", event.type, event.target,
                 f" for {event.duration:g} s" if event.duration is not None else "",
             )  # fmt: skip
-            if event.type == "clear":
+            if isinstance(event, Clear):
                 self._active = [a for a in self._active if not _overlaps(a, households, kinds)]
+                if event.vent:
+                    self.leak_conc[households] = 0.0
             elif isinstance(event, ValveEvent):
                 for kind in kinds:
                     self._set_valve(kind, households, event.closed)

@@ -152,9 +152,12 @@ class Valve(_Event):
 
 
 class Clear(_Event):
-    """Ends every active event on the target now."""
+    """Ends every active event on the target now. Gas already in the home then clears by
+    ventilation (minutes); ``vent`` airs the target's homes at once instead (a technician ending
+    a test, so that the next test or the hotline's silence is not kept waiting)."""
 
     type: Literal["clear"]
+    vent: bool = False
 
 
 EVENT_CLASSES = (

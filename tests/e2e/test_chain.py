@@ -57,7 +57,9 @@ def test_selftest_passes_and_sends_no_crew(system: UpProcess) -> None:
                if t["household_id"] in ("H-0019", "H-0020")]  # fmt: skip
     assert tickets and all(t["test_mode"] and t["status"] == "cancelled" for t in tickets), [
         (t["id"], t["cause"], t["test_mode"], t["status"]) for t in tickets]  # fmt: skip
-    assert api.get("/api/silences").json() == [], "the devices are out of test mode again"
+    assert api.get("/api/silences").json() == [], (
+        "the devices are out of test mode again:\n" + result.stdout
+    )
     # a failing selftest says so: wrong password is a clear one-line error
     wrong = system.gasguard("selftest", "--url", system.url, "--user", "admin", "--control-port",
                             str(system.control_port), env={"GASGUARD_SELFTEST_PASSWORD": "nope-nope"})  # fmt: skip

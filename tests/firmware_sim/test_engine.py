@@ -154,6 +154,23 @@ def test_gas_leak_ramps_alarms_then_decays_and_clears() -> None:
     assert shown(sim, "D-0002")["alarm"] is False
 
 
+def test_clear_ends_a_burst_and_the_gas_decays_unless_the_home_is_vented() -> None:
+    sim = sim_with(
+        {"device": "M-0002", "type": "burst"},
+        {"at": "120s", "device": "M-0002", "type": "clear"},
+        {"device": "M-0003", "type": "burst"},
+        {"at": "120s", "household": "H-0003", "type": "clear", "vent": True},
+    )
+    sim.run_for(119)
+    assert shown(sim, "D-0002")["ch4_lel"] >= ALARM_ON_LEL
+    assert shown(sim, "D-0003")["ch4_lel"] >= ALARM_ON_LEL
+    sim.run_for(2)
+    qmax = QMAX_BY_SIZE[sim.device("M-0002").meter_size or ""]
+    assert shown(sim, "M-0002")["flow_m3h"] < qmax and shown(sim, "M-0003")["flow_m3h"] < qmax
+    assert shown(sim, "D-0002")["ch4_lel"] >= ALARM_ON_LEL  # still in the air: ventilation
+    assert shown(sim, "D-0003")["ch4_lel"] < 3.0  # aired at once
+
+
 def test_closing_the_meter_valve_stops_flow_and_lets_the_leak_decay() -> None:
     sim = sim_with({"device": "D-0001", "type": "gas_leak", "rate_lel_per_min": 20.0})
     sim.run_for(120)
