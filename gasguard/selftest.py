@@ -149,9 +149,10 @@ class Selftest:
         return tuple(problems)
 
     def clean_up(self, checks: list[Check], settle_s: float = 60.0) -> list[str]:
-        """End the events on the test households and air their homes, wait (up to ``settle_s``) until the test devices have no open alarm,
-        cancel every test ticket opened at those households, then lift the silences: lifted
-        earlier, a late alarm from a test device would open a real ticket."""
+        """End the events on the test households and air their homes, wait (up to
+        ``settle_s``) until the test devices have no open alarm, cancel every test ticket
+        opened at those households, then lift the silences: lifted earlier, a late alarm from
+        a test device would open a real ticket."""
         notes = []
         for check in checks:
             _sim(
