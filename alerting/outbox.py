@@ -40,7 +40,10 @@ RULES: dict[str, tuple[str, str, str, str]] = {
     "clock_skew": ("device_fault", "inspection", "normal", "low"),
     "silent": ("device_silent", "inspection", "normal", "low"),
     "sensor_fault": ("device_fault", "inspection", "normal", "low"),
-    "valve_fault": ("device_fault", "inspection", "normal", "low"),
+    "valve_fault": ("valve_passing", "emergency_repair", "critical", "high"),
+    "meter_mismatch": ("device_fault", "inspection", "normal", "low"),
+    "battery_low": ("battery_low", "inspection", "high", "normal"),
+    "never_reported": ("device_silent", "inspection", "normal", "low"),
     "tamper": ("device_fault", "inspection", "normal", "low"),
     "reverse_flow": ("device_fault", "inspection", "normal", "low"),
 }

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from alerting.tickets import OPEN, insert_ticket
 
 UNREADABLE_CAUSE = "unreadable_alarm"
-EMERGENCY_CAUSES = frozenset({"gas_leak", "burst", "leak_behind_meter"})
+EMERGENCY_CAUSES = frozenset({"gas_leak", "burst", "leak_behind_meter", "valve_passing"})
 RAW_LIMIT = 8000  # characters of the raw payload kept on the ticket
 NOTE = "this alarm could not be read fully: check the raw payload and the household"
 PRIORITY_ORDER = ("low", "normal", "high", "critical")

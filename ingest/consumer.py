@@ -454,6 +454,7 @@ class Ingest:
                 self._order_lock.release()
         self.health.duplicates.inc(len(accepted) - len(new))
         self.health.alarms_raised.inc(outcome.alarms_raised)
+        self.health.alarms_flapping.inc(outcome.flapping)
         self.health.dead_letters.inc(len(dead))
         for d in dead:
             log.warning(
@@ -472,6 +473,7 @@ class Ingest:
             async with conn.transaction(), conn.cursor() as cur:
                 outcome = await write_alarms(cur, changes)
         self.health.alarms_raised.inc(outcome.alarms_raised)
+        self.health.alarms_flapping.inc(outcome.flapping)
 
     async def housekeeping(self) -> None:
         async with self._db_lock:

@@ -29,16 +29,20 @@ from ingest.detect import (
     Rule,
     detect_detectors,
     detect_meters,
+    scan_never_reported,
     scan_silence,
 )
+from ingest.detect.runs import NO_TS
 from ingest.registry import Registry
 from ingest.writer import AlarmChange
 
 Checkpoint = dict[str, dict[str, np.ndarray]]
 
-# A household's usual peak is learned over a week of readings at one a minute before a flow
-# far above it counts as a burst (a day of a continuous flow would otherwise become the peak).
-BURST_LEARN_SAMPLES = 7 * 24 * 60
+# A household's usual peak is learned over 1000 readings with flow before a flow far above it
+# counts as a burst: about a week of a household cooking and heating water two hours a day at
+# a reading a minute, so its occasional big appliance has been seen. (Counting every reading,
+# a week of them, a household using gas two hours a day would have taken two months.)
+BURST_LEARN_SAMPLES = 1000
 
 
 class ThresholdsError(ValueError):
@@ -119,8 +123,12 @@ class Detection:
         utc_offset_hours: float = 8.0,
         thresholds: Thresholds | None = None,
         clock_tolerance_ms: int = 30_000,
+        started_ms: int | None = None,
     ) -> None:
         self.utc_offset_ms = int(utc_offset_hours * 3_600_000)
+        # NEVER_REPORTED counts from here for devices registered earlier: without a saved
+        # state ingest cannot know who reported before it started
+        self.started_ms = int(time.time() * 1000) if started_ms is None else started_ms
         self.clock_tolerance_ms = clock_tolerance_ms
         self.thresholds = thresholds or Thresholds()
         self.detectors = DetectorState(0)
@@ -199,8 +207,18 @@ class Detection:
 
     def silence(self, now_ms: int, registry: Registry) -> list[AlarmChange]:
         self._prepare(registry)
-        out = changes(scan_silence(self.detectors, now_ms, self._detector_params), registry)
-        return out + changes(scan_silence(self.meters, now_ms, self._meter_params), registry)
+        out: list[AlarmChange] = []
+        kinds: tuple[tuple[Kind, DetectorState | MeterState, DetectorParams | MeterParams], ...] = (
+            ("detector", self.detectors, self._detector_params),
+            ("meter", self.meters, self._meter_params),
+        )
+        for kind, state, params in kinds:
+            out += changes(scan_silence(state, now_ms, params), registry)
+            registered = registry.registered_array(kind)
+            since = np.where(registered == NO_TS, NO_TS, np.maximum(registered, self.started_ms))
+            never = scan_never_reported(state, now_ms, since, params.never_reported_ms)
+            out += changes(never, registry)
+        return out
 
     def checkpoint(self, keys: np.ndarray) -> Checkpoint:
         """The state of the devices ``keys`` (those a micro-batch touches), to restore if its

@@ -43,6 +43,11 @@ class Health:
             registry=r,
         )
         self.alarms_raised = Counter("gasguard_ingest_alarms_raised", "alarms raised", registry=r)
+        self.alarms_flapping = Counter(
+            "gasguard_ingest_alarms_flapping",
+            "alarms cleared within a minute of being raised (their time stamps)",
+            registry=r,
+        )
         self.db_errors = Counter(
             "gasguard_ingest_db_errors", "database failures (retried)", registry=r
         )

@@ -24,6 +24,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gasguard.fields import Kind
+from ingest.detect.runs import NO_TS
 
 QMAX_BY_SIZE = {"G1.6": 2.5, "G2.5": 4.0, "G4": 6.0}
 COLUMNS = [
@@ -206,6 +207,7 @@ class DeviceInfo:
     expected_interval_s: int
     test_mode: bool
     qmax: float
+    registered_ms: int | None = None  # when the device was registered (epoch ms)
 
 
 @dataclass
@@ -226,6 +228,15 @@ class Registry:
             out[k] = d.qmax
         return out
 
+    def registered_array(self, kind: Kind) -> np.ndarray:
+        """Per key: when the device of ``kind`` was registered (epoch ms); NO_TS for keys of
+        the other kind, unknown keys and devices without a registration time."""
+        out = np.full(self.capacity, NO_TS, dtype=np.int64)
+        for k, d in self.by_key.items():
+            if d.kind == kind and d.registered_ms is not None:
+                out[k] = d.registered_ms
+        return out
+
     def interval_array(self) -> np.ndarray:
         out = np.full(self.capacity, 60_000, dtype=np.int64)
         for k, d in self.by_key.items():
@@ -236,11 +247,12 @@ class Registry:
 async def load_registry(conn: psycopg.AsyncConnection[Any]) -> Registry:
     cur = await conn.execute(
         "SELECT d.key, d.id, d.kind, d.gateway_id, d.household_id, h.district, "
-        "d.expected_interval_s, d.test_mode, d.meter_size FROM devices d "
+        "d.expected_interval_s, d.test_mode, d.meter_size, "
+        "(extract(epoch FROM d.created_at) * 1000)::bigint FROM devices d "
         "JOIN households h ON h.id = d.household_id"
     )
     reg = Registry()
-    for key, id_, kind, gw, hh, district, interval, test, size in await cur.fetchall():
+    for key, id_, kind, gw, hh, district, interval, test, size, created in await cur.fetchall():
         info = DeviceInfo(
             int(key),
             str(id_),
@@ -251,6 +263,7 @@ async def load_registry(conn: psycopg.AsyncConnection[Any]) -> Registry:
             int(interval),
             bool(test),
             QMAX_BY_SIZE.get(str(size), np.inf),
+            int(created),
         )
         reg.by_id[info.id] = info
         reg.by_key[info.key] = info

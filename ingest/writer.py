@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,7 @@ class Outcome:
     outbox_rows: int = 0
     incidents_opened: int = 0
     confidence_raised: int = 0  # alarms that became high confidence
+    flapping: int = 0  # alarms cleared within FLAPPING of being raised
 
 
 def _ts(ms: int) -> datetime:
@@ -275,6 +276,10 @@ async def fold_rollups(conn: psycopg.AsyncConnection[Any]) -> bool:
     return True
 
 
+FLAPPING = timedelta(minutes=1)
+"""an alarm cleared this soon after it was raised (by the readings' time) flapped"""
+
+
 async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmChange]) -> Outcome:
     """Open and close alarms (one open per device and rule) and queue their outbox rows, in
     the order of the changes; an alarm raised beside an open alarm of the other kind in its
@@ -306,13 +311,15 @@ async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmCha
         else:
             await cur.execute(
                 "UPDATE alarms SET cleared_at = %s, clear_value = %s WHERE device_key = %s "
-                "AND rule = %s AND cleared_at IS NULL RETURNING id",
-                (_ts(c.ts_ms), _finite(c.value), c.device_key, c.rule),
+                "AND rule = %s AND cleared_at IS NULL "
+                "RETURNING id, cleared_at - raised_at < %s",
+                (_ts(c.ts_ms), _finite(c.value), c.device_key, c.rule, FLAPPING),
             )
             row = await cur.fetchone()
             if row is None:
                 continue
             out.alarms_cleared += 1
+            out.flapping += bool(row[1])
         payload = {
             "alarm_id": row[0],
             "device": c.device_id,

@@ -45,7 +45,7 @@ from .params import (
     qmax_for_sizes,
 )
 from .runs import NO_TS
-from .silence import district_incidents, scan_silence
+from .silence import district_incidents, scan_never_reported, scan_silence
 from .state import DetectorState, MeterState
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "detect_meters",
     "district_incidents",
     "qmax_for_sizes",
+    "scan_never_reported",
     "scan_silence",
     "severity_of",
 ]

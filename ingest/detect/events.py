@@ -32,6 +32,9 @@ class Rule(IntEnum):
     # 13 and 14 are the micro-leak's internal bits in the open mask (state.py)
     PRESSURE_HIGH = 15
     CLOCK_SKEW = 16
+    METER_MISMATCH = 17
+    BATTERY_LOW = 18
+    NEVER_REPORTED = 19
 
 
 class Severity(IntEnum):
@@ -50,11 +53,14 @@ SEVERITY: dict[Rule, Severity] = {
     Rule.CONTINUOUS_FLOW: Severity.MAJOR,
     Rule.MICRO_LEAK: Severity.MINOR,
     Rule.PRESSURE_LOW: Severity.MAJOR,
-    Rule.VALVE_FAULT: Severity.MINOR,
+    Rule.VALVE_FAULT: Severity.CRITICAL,  # gas passing a closed valve
     Rule.TAMPER: Severity.MINOR,
     Rule.REVERSE_FLOW: Severity.MINOR,
     Rule.PRESSURE_HIGH: Severity.MAJOR,
     Rule.CLOCK_SKEW: Severity.MINOR,
+    Rule.METER_MISMATCH: Severity.MINOR,
+    Rule.BATTERY_LOW: Severity.MAJOR,  # the valve may soon be unable to close
+    Rule.NEVER_REPORTED: Severity.MINOR,
 }
 
 DETECTOR_RULES: tuple[Rule, ...] = (
@@ -64,6 +70,7 @@ DETECTOR_RULES: tuple[Rule, ...] = (
     Rule.SENSOR_FAULT,
     Rule.SILENT,
     Rule.CLOCK_SKEW,
+    Rule.NEVER_REPORTED,
 )
 METER_RULES: tuple[Rule, ...] = (
     Rule.SILENT,
@@ -77,6 +84,9 @@ METER_RULES: tuple[Rule, ...] = (
     Rule.SENSOR_FAULT,
     Rule.PRESSURE_HIGH,
     Rule.CLOCK_SKEW,
+    Rule.METER_MISMATCH,
+    Rule.BATTERY_LOW,
+    Rule.NEVER_REPORTED,
 )
 MASK = np.uint32
 """dtype of a device's open-alarm mask (bit ``1 << rule``)"""

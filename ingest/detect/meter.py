@@ -1,5 +1,6 @@
 """Gas meter rules: BURST, CONTINUOUS_FLOW, MICRO_LEAK, PRESSURE_LOW, PRESSURE_HIGH,
-VALVE_FAULT, TAMPER, REVERSE_FLOW, SENSOR_FAULT, CLOCK_SKEW (and SILENT).
+VALVE_FAULT (gas past a closed valve: critical), TAMPER, REVERSE_FLOW, METER_MISMATCH,
+BATTERY_LOW, SENSOR_FAULT, CLOCK_SKEW (and SILENT).
 
 As for detectors: hysteresis switches over each meter's readings in time order, runs carried
 in the state, ``comm_lost`` readings seen only by SILENT. A reading without pressure (NaN) is
@@ -19,10 +20,10 @@ from .batch import Batch, flag, floats
 from .burst import apply_burst
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .late import late_hits, raise_late, track_clears
-from .params import DAY_MS, MeterColumns, MeterParams, per_device
+from .params import DAY_MS, HOUR_MS, MeterColumns, MeterParams, per_device
 from .runs import NO_TS, Switch, latch, run_began, run_lengths, sat32
 from .silence import begin_batch, clock_skew
-from .state import ML_DAYS_BIT, ML_NIGHT_BIT, MeterState
+from .state import ML_DAYS_BIT, ML_NIGHT_BIT, ML_REGISTER_BIT, MeterState
 
 _OPTIONAL = ("pressure_kpa", "valve_closed", "battery_pct", "tamper", "reverse_flow", "comm_lost",
              "ahead_ms")  # fmt: skip
@@ -52,24 +53,30 @@ def detect_meters(
         raw = np.asarray(cols.flow_m3h, np.float64)[order]
         qmax = b.param(params.qmax_by_device, params.qmax)
         flow = plausible_flow(raw, qmax, params)
+        volume = np.asarray(cols.volume_m3, np.float64)[order]
         apply_burst(b, params, state, flow=flow, qmax=qmax)
-        _flow_time(b, params, state, flow=flow)
+        _flow_time(b, params, state, flow=flow, volume=volume)
         raw_pressure = floats(cols.pressure_kpa, order)
         pressure = plausible_pressure(raw_pressure, params)
         if cols.pressure_kpa is not None:
             _pressure(b, params, state, pressure=pressure)
-        leak = flag(cols.valve_closed, order) & (np.abs(flow) > params.near_zero)
+        closed = flag(cols.valve_closed, order)
+        leak = (closed & (np.abs(flow) > params.near_zero)) | _past_valve(
+            b, params, state, closed=closed, volume=volume
+        )
         tamper = flag(cols.tamper, order)
         reverse = flag(cols.reverse_flow, order) | (flow < -params.near_zero)
         _flags(b, params, state, flow=flow, leak=leak, tamper=tamper, reverse=reverse)
-        volume = np.asarray(cols.volume_m3, np.float64)[order]
+        _mismatch(b, params, state, flow=flow, volume=volume)
         battery = floats(cols.battery_pct, order)
+        _battery(b, params, state, battery=battery)
         bad_pressure = ~np.isnan(raw_pressure) & np.isnan(pressure)
         _sensor_fault(b, params, state, flow=raw, qmax=qmax, volume=volume, battery=battery,
                       bad_pressure=bad_pressure)  # fmt: skip
         ahead = np.nan_to_num(floats(cols.ahead_ms, order), nan=0.0)
         clock_skew(b, params.skew_clear_samples, state, ahead)
         state.last_volume[b.dev] = volume[b.last]
+        state.last_flow[b.dev] = flow[b.last]
         state.norm_ts[b.dev] = b.ts[b.last]
     events = fresh.sink.build(fresh.stale)
     track_clears(events, Rule.BURST, state.burst_until)
@@ -115,8 +122,11 @@ def _late(
                until=st.ph_until)  # fmt: skip
 
 
-def _flow_time(b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray) -> None:
-    """CONTINUOUS_FLOW and MICRO_LEAK: how long flow has gone on, by timestamps."""
+def _flow_time(
+    b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray, volume: FloatArray
+) -> None:
+    """CONTINUOUS_FLOW and MICRO_LEAK: how long flow has gone on, by timestamps; MICRO_LEAK
+    also from the register (``_register``)."""
     dev, last, ts = b.dev, b.last, b.ts
     no_flow = np.abs(flow) <= p.near_zero
     flowing = flow > p.near_zero
@@ -150,15 +160,109 @@ def _flow_time(b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray) ->
                 no_flow,
                 b.carried(ML_DAYS_BIT),
             ),
+            _register(b, p, st, volume=volume),
         ],
     )
     b.emit(Rule.MICRO_LEAK, lt, flow)
-    night_open, days_open = lt.final
+    night_open, days_open, register_open = lt.final
     b.put(ML_NIGHT_BIT, night_open)
     b.put(ML_DAYS_BIT, days_open)
-    b.put(rule_bit(Rule.MICRO_LEAK), night_open | days_open)
+    b.put(ML_REGISTER_BIT, register_open)
+    b.put(rule_bit(Rule.MICRO_LEAK), night_open | days_open | register_open)
     st.flow_start[dev] = np.where(flowing[last], flow_start[last], NO_TS)
     st.night_start[dev] = np.where(small[last], night_start[last], NO_TS)
+
+
+def _register(b: Batch, p: MeterParams, st: MeterState, *, volume: FloatArray) -> Switch:
+    """MICRO_LEAK's register branch, for leaks below ``near_zero`` that the flow reads as none:
+    the register has gone up at least once every ``register_still_ms`` (it never stood still
+    that long) for ``micro_register_ms``. A still stretch, or the first rise after one, clears
+    it. With the register's 1 L resolution that reaches leaks down to about 1 L over
+    ``register_still_ms`` (0.33 L/h with the defaults)."""
+    ts = b.ts
+    moved = volume - b.sg.shift_f(volume, st.last_volume[b.dev]) > p.register_step_m3
+    last_move = _last_where(b, moved, st.reg_move_ts)
+    prev_move = b.sg.shift_i(last_move, st.reg_move_ts[b.dev])
+    restart = moved & (_since(ts, prev_move) > p.register_still_ms)
+    run_ts = _last_where(b, restart, st.reg_run_ts)
+    still = _since(ts, last_move) > p.register_still_ms
+    st.reg_move_ts[b.dev] = last_move[b.last]
+    st.reg_run_ts[b.dev] = run_ts[b.last]
+    return Switch(
+        ~still & (_since(ts, run_ts) >= p.micro_register_ms) & (run_ts != NO_TS),
+        still | restart,
+        b.carried(ML_REGISTER_BIT),
+    )
+
+
+_FOREVER = np.iinfo(np.int64).max
+
+
+def _since(ts: IntArray, then: IntArray) -> IntArray:
+    """ts - then, and "forever" where ``then`` is NO_TS."""
+    return np.where(then == NO_TS, _FOREVER, ts - np.where(then == NO_TS, ts, then))
+
+
+def _last_where(b: Batch, cond: BoolArray, carried: IntArray) -> IntArray:
+    """ts of the latest reading at or before each one where ``cond`` holds; ``carried`` (per
+    device) where none in this batch does."""
+    since = run_lengths(b.sg, ~cond, np.zeros(len(b.sg.first), np.int64))
+    row = b.sg.pos - since
+    return np.where(row >= b.sg.start, b.ts[np.maximum(row, 0)], b.sg.rows(carried[b.dev]))
+
+
+def _past_valve(
+    b: Batch, p: MeterParams, st: MeterState, *, closed: BoolArray, volume: FloatArray
+) -> BoolArray:
+    """Gas past the closed valve seen by the register: up by more than ``valve_passing_m3``
+    since the first reading that showed the valve closed."""
+    dev, last = b.dev, b.last
+    run, began = run_began(b.sg, closed, st.vc_on[dev])
+    at = np.clip(began, 0, b.sg.n - 1)  # (meaningless where the valve is open)
+    anchor = np.where(began >= 0, volume[at], b.sg.rows(st.vc_vol[dev]))
+    st.vc_on[dev] = sat32(run[last])
+    st.vc_vol[dev] = np.where(closed[last], anchor[last], np.nan)
+    return np.asarray(closed & (volume - anchor > p.valve_passing_m3), np.bool_)
+
+
+def _mismatch(
+    b: Batch, p: MeterParams, st: MeterState, *, flow: FloatArray, volume: FloatArray
+) -> None:
+    """METER_MISMATCH: between consecutive readings (at most ``mismatch_max_gap_ms`` apart) the
+    register's increase and the flow's (trapezoid) integral differ by more than
+    ``mismatch_ratio`` x plus ``mismatch_tol_m3``, either way, on ``mismatch_samples``
+    intervals in a row (a flow sensor stuck at 0 under a climbing register, a register far
+    ahead of the flow or standing while gas flows). Cleared by ``mismatch_clear_samples``
+    intervals in a row that agree while gas flows; intervals without gas or values neither."""
+    dev, last = b.dev, b.last
+    prev_ts = b.sg.shift_i(b.ts, st.norm_ts[dev])
+    dt = _since(b.ts, prev_ts)
+    reg = volume - b.sg.shift_f(volume, st.last_volume[dev])
+    forward = np.clip(flow, 0.0, None) + np.clip(b.sg.shift_f(flow, st.last_flow[dev]), 0.0, None)
+    by_flow = forward / 2 * np.minimum(dt, p.mismatch_max_gap_ms) / HOUR_MS
+    valid = (dt <= p.mismatch_max_gap_ms) & np.isfinite(reg) & np.isfinite(by_flow)
+    tol, k = p.mismatch_tol_m3, p.mismatch_ratio
+    bad = valid & ((reg > k * by_flow + tol) | (by_flow > k * np.clip(reg, 0.0, None) + tol))
+    good = valid & ~bad & ((by_flow > tol) | (reg > tol))
+    bad_run = run_lengths(b.sg, bad, st.mm_bad[dev])
+    ok_run = run_lengths(b.sg, good, st.mm_ok[dev])
+    b.switch(Rule.METER_MISMATCH, bad_run >= p.mismatch_samples,
+             ok_run >= p.mismatch_clear_samples, reg)  # fmt: skip
+    st.mm_bad[dev] = sat32(bad_run[last])
+    st.mm_ok[dev] = sat32(ok_run[last])
+
+
+def _battery(b: Batch, p: MeterParams, st: MeterState, *, battery: FloatArray) -> None:
+    """BATTERY_LOW: below ``battery_low`` on ``battery_low_samples`` readings in a row, cleared
+    at or above ``battery_low_clear`` on as many; a missing or impossible value neither."""
+    dev, last = b.dev, b.last
+    batt = np.where((battery >= p.battery_min) & (battery <= p.battery_max), battery, np.nan)
+    lo_run = run_lengths(b.sg, batt < p.battery_low, st.bl_lo[dev])
+    ok_run = run_lengths(b.sg, batt >= p.battery_low_clear, st.bl_ok[dev])
+    b.switch(Rule.BATTERY_LOW, lo_run >= p.battery_low_samples,
+             ok_run >= p.battery_low_samples, batt)  # fmt: skip
+    st.bl_lo[dev] = sat32(lo_run[last])
+    st.bl_ok[dev] = sat32(ok_run[last])
 
 
 def _run_start(

@@ -72,6 +72,7 @@ class DetectorParams:
     expected_interval_ms_by_device: FloatArray | None = None
     silent_factor: float = 3.0
     silent_grace_ms: float = 30_000.0  # ... plus this: gateway batching and delivery take time
+    never_reported_ms: float = 24 * HOUR_MS  # registered this long and not one reading yet
     skew_clear_samples: int = 2  # readings in a row within the clock tolerance clear CLOCK_SKEW
 
     def __post_init__(self) -> None:
@@ -115,8 +116,21 @@ class MeterParams:
     pressure_high_clear: float = 2.8  # cleared after pressure_clear_samples at or below this
     pressure_min: float = 0.0  # kPa: outside [min, max] no meter's sensor reports: a fault
     pressure_max: float = 100.0
-    valve_samples: int = 2  # flow with the valve closed on this many readings
-    valve_clear_samples: int = 2
+    valve_samples: int = 2  # gas past the closed valve (flow, or the register) on this many
+    valve_clear_samples: int = 2  # readings; cleared after this many without
+    valve_passing_m3: float = 0.002  # the register up by more than this since the valve closed
+    # The register (volume_m3, 1 L resolution on the wire) for what the flow cannot show:
+    register_step_m3: float = 0.0005  # an increase above this is the register moving
+    register_still_ms: int = 3 * HOUR_MS  # still this long: no leak (any home's quiet night)
+    micro_register_ms: int = 24 * HOUR_MS  # moving, never still, for a day: MICRO_LEAK
+    mismatch_ratio: float = 3.0  # register vs the flow's integral: off by this factor ...
+    mismatch_tol_m3: float = 0.002  # ... plus this (2 L: rounding of the register) ...
+    mismatch_samples: int = 3  # ... on this many intervals in a row: METER_MISMATCH
+    mismatch_clear_samples: int = 3  # cleared after this many agreeing while gas flowed
+    mismatch_max_gap_ms: int = 30 * MINUTE_MS  # intervals longer than this are not compared
+    battery_low: float = 20.0  # %: BATTERY_LOW below this ...
+    battery_low_samples: int = 3  # ... on this many readings in a row
+    battery_low_clear: float = 25.0  # cleared at or above this on battery_low_samples
     tamper_clear_samples: int = 2
     reverse_clear_samples: int = 2
     volume_drop_m3: float = 0.001  # the register going back by more is a fault
@@ -128,6 +142,7 @@ class MeterParams:
     expected_interval_ms_by_device: FloatArray | None = None
     silent_factor: float = 3.0
     silent_grace_ms: float = 30_000.0  # ... plus this: gateway batching and delivery take time
+    never_reported_ms: float = 24 * HOUR_MS  # registered this long and not one reading yet
     skew_clear_samples: int = 2
 
     def __post_init__(self) -> None:
@@ -138,6 +153,12 @@ class MeterParams:
             raise ValueError("need pressure_clear <= pressure_high_clear <= pressure_high")
         if not 0 <= self.night_start_ms < self.night_end_ms <= DAY_MS:
             raise ValueError("night window must satisfy 0 <= start < end <= 24 h")
+        if not 0 < self.register_still_ms < self.micro_register_ms:
+            raise ValueError("need 0 < register_still_ms < micro_register_ms")
+        if self.battery_low_clear < self.battery_low:
+            raise ValueError("battery_low_clear must not be below battery_low")
+        if not self.mismatch_ratio > 1:
+            raise ValueError("mismatch_ratio must be above 1")
 
 
 def _check_counts(params: DetectorParams | MeterParams) -> None:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .batch import Batch, check_batch, flag
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
-from .params import DetectorParams, MeterParams, per_device
+from .params import HOUR_MS, DetectorParams, MeterParams, per_device
 from .runs import NO_TS, order_fresh, run_lengths, sat32
 from .state import DetectorState, MeterState
 
@@ -56,6 +56,8 @@ def begin_batch(
     idx, ts = idx[order], ts[order]
     batch = Batch.of(idx, ts, state.open, sink)
     batch.switch(Rule.SILENT, comm, ~comm, np.array(np.nan))
+    heard = np.ones(len(idx), np.bool_)  # any reading at all ends NEVER_REPORTED
+    batch.switch(Rule.NEVER_REPORTED, ~heard, heard, np.array(np.nan))
     state.last_ts[batch.dev] = ts[batch.last]
     if comm.any():
         keep = ~comm
@@ -107,6 +109,29 @@ def scan_silence(
         rule=np.full(len(dev), int(Rule.SILENT), np.int16),
         raised=np.ones(len(dev), np.bool_),
         value=age[dev] / 1000.0,
+    )
+
+
+def scan_never_reported(
+    state: DetectorState | MeterState, now_ms: int, since_ms: IntArray, after_ms: float
+) -> Events:
+    """Raise NEVER_REPORTED (at ``now_ms``) for every device that has not sent one reading,
+    with ``since_ms`` (per device: its registration, or when ingest started without a saved
+    state if later; NO_TS: not a device of this state's kind) more than ``after_ms`` ago, once;
+    its first reading clears it (``begin_batch``). Value: hours since ``since_ms``."""
+    since = np.asarray(since_ms, np.int64)[: state.capacity]
+    have = np.flatnonzero(since != NO_TS)
+    age = np.int64(now_ms) - since[have]
+    bit = np.uint32(rule_bit(Rule.NEVER_REPORTED))
+    due = (state.last_ts[have] == NO_TS) & ((state.open[have] & bit) == 0) & (age > after_ms)
+    dev, age = have[due], age[due]
+    state.open[dev] |= bit
+    return Events(
+        idx=dev,
+        ts=np.full(len(dev), now_ms, np.int64),
+        rule=np.full(len(dev), int(Rule.NEVER_REPORTED), np.int16),
+        raised=np.ones(len(dev), np.bool_),
+        value=age / HOUR_MS,
     )
 
 

@@ -3,7 +3,7 @@
 Carried values that later readings are compared with (last CH4, last volume, the usual peak)
 stay float64: rounding them to float32 would make the result depend on where a batch ends.
 Counters are int32 (saturating), timestamps int64 epoch ms (``NO_TS``: none), and the open
-alarms one uint32 bit mask per device (bit ``1 << rule``; bits 13-14 are internal).
+alarms one uint32 bit mask per device (bit ``1 << rule``; bits 13, 14 and 30 are internal).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ ML_NIGHT_BIT = 1 << 13
 """internal: the micro-leak's night branch holds (MICRO_LEAK is open while either holds)"""
 ML_DAYS_BIT = 1 << 14
 """internal: the micro-leak's never-zero branch holds"""
+ML_REGISTER_BIT = 1 << 30
+"""internal: the micro-leak's register branch holds"""
 
 FieldSpec = tuple[str, type[np.generic], float | int]
 REQUIRED = frozenset({"last_ts", "open"})  # what every saved state has
@@ -173,9 +175,27 @@ class MeterState(_State):
         ("vf_until", np.int64, NO_TS),  # VALVE_FAULT (gas past a closed valve)
         ("ph_until", np.int64, NO_TS),  # PRESSURE_HIGH
         ("cs_ok", np.int32, 0),
+        ("last_flow", np.float64, np.nan),  # flow of the last reading that carried values
+        ("reg_move_ts", np.int64, NO_TS),  # last reading where the register went up
+        ("reg_run_ts", np.int64, NO_TS),  # where its current stretch without a still gap began
+        ("vc_on", np.int32, 0),  # run: valve reported closed
+        ("vc_vol", np.float64, np.nan),  # the register when the valve was first seen closed
+        ("mm_bad", np.int32, 0),  # run: register and flow disagree
+        ("mm_ok", np.int32, 0),  # run: they agree while gas flows
+        ("bl_lo", np.int32, 0),  # run: battery below battery_low
+        ("bl_ok", np.int32, 0),  # run: battery at or above battery_low_clear
     )
     norm_ts: I64
     last_volume: F64
+    last_flow: F64
+    reg_move_ts: I64
+    reg_run_ts: I64
+    vc_on: I32
+    vc_vol: F64
+    mm_bad: I32
+    mm_ok: I32
+    bl_lo: I32
+    bl_ok: I32
     burst_clr: I32
     peak: F64
     peak_ts: I64

@@ -106,12 +106,17 @@ def test_every_scenario_event_raises_its_alarm_and_clears_it(
             lambda: scalar(database, "SELECT count(*) FROM ingested_batches") == len(messages),
             what="all batches",
         )
+        assert ingest.ingest is not None
+        flapped = int(ingest.ingest.health.alarms_flapping._value.get())
     finally:
         ingest.stop()
     with psycopg.connect(database) as conn:
         incidents = conn.execute(
             "SELECT district, households, closed_at FROM district_incidents"
         ).fetchall()
+        short = conn.execute(
+            "SELECT count(*) FROM alarms WHERE cleared_at - raised_at < interval '1 minute'"
+        ).fetchone()
         rows = conn.execute(
             "SELECT device_id, rule, raised_at, cleared_at, severity FROM alarms"
         ).fetchall()
@@ -127,6 +132,7 @@ def test_every_scenario_event_raises_its_alarm_and_clears_it(
     )
     assert dict(outbox)["raised"] == len(rows) and dict(outbox)["cleared"] >= len(EXPECTED)
     assert not (raised - EXPECTED), f"alarms nobody caused: {raised - EXPECTED}"
+    assert short is not None and flapped == short[0] == 0, "no alarm flaps on the scenario"
     assert [(d, closed is not None) for d, _, closed in incidents] == [("district-2", True)]
     assert incidents[0][1] >= 3, "one network incident for the district, with its households"
 
@@ -334,6 +340,36 @@ def test_confidence_is_judged_change_by_change_within_a_micro_batch(
     assert events[:2] == [("M-0001", "raised"), ("D-0001", "raised")]
     assert sorted(events[2:4]) == [("D-0001", "confidence"), ("M-0001", "confidence")]
     assert events[4:] == [("M-0001", "cleared")]
+
+
+def test_an_alarm_cleared_within_a_minute_is_counted_as_flapping(
+    database: str, tmp_path: Path
+) -> None:
+    from ingest.writer import AlarmChange, write_alarms
+
+    register(database, registry_csv(tmp_path / "r.csv", "GW-F", 2, 0))
+    keys = dict(query_all(database, "SELECT id, key FROM devices"))
+    t = int(time.time() * 1000)
+
+    def change(device: str, raised: bool, at: int) -> AlarmChange:
+        return AlarmChange(
+            device_key=keys[device], device_id=device, household_id="H-0001",
+            district="district-1", rule="gas_low", severity="major", raised=raised,
+            ts_ms=t + at, value=11.0, test_mode=False,
+        )  # fmt: skip
+
+    async def write(changes: list[AlarmChange]) -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(database) as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            return (await write_alarms(cur, changes)).flapping
+
+    # raised and cleared 59 s apart (in two micro-batches): flapping; 61 s apart: not
+    assert asyncio.run(write([change("D-0001", True, 0), change("D-0002", True, 0)])) == 0
+    assert asyncio.run(write([change("D-0001", False, 59_000)])) == 1
+    assert asyncio.run(write([change("D-0002", False, 61_000)])) == 0
 
 
 def query_all(url: str, sql: str) -> list[tuple[object, ...]]:

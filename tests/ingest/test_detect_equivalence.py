@@ -73,6 +73,11 @@ def meter_params(variant: int, rng: np.random.Generator) -> tuple[MeterParams, n
             pressure_low_samples=2,
             valve_samples=1,
             tamper_clear_samples=3,
+            register_still_ms=HOUR_MS,
+            micro_register_ms=3 * HOUR_MS,
+            mismatch_samples=2,
+            mismatch_clear_samples=4,
+            battery_low_samples=2,
         ),
         qmax,
     )
@@ -152,5 +157,6 @@ def test_streams_raise_and_clear_every_rule(kind: str) -> None:
         for variant in (0, 1):
             seen += check(kind, 100 + seed, variant, mean=50, length=1500)
     rules = DETECTOR_RULES if kind == "detector" else METER_RULES
+    rules = tuple(r for r in rules if r is not Rule.NEVER_REPORTED)  # the scan's alone
     missing = [(Rule(r).name, up) for r in rules for up in (True, False) if seen[(r, up)] < 3]
     assert not missing, f"too few events: {missing}; seen {dict(seen)}"

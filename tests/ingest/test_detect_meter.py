@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ingest.detect import MeterColumns, MeterParams, MeterState, Rule, detect_meters
+from ingest.detect.events import SEVERITY, Severity
 from ingest.detect.params import HOUR_MS, MINUTE_MS
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC = 08:00 local (UTC+8)
@@ -213,3 +214,89 @@ def test_late_burst_gas_past_a_closed_valve_and_over_pressure_raise_their_alarms
         (Rule.BURST, True, T0), (Rule.VALVE_FAULT, True, T0 + MINUTE_MS),
         (Rule.PRESSURE_HIGH, True, T0 + MINUTE_MS)]  # fmt: skip
     assert len(detect_meters(late, G16, state)[0]) == 0, "a replay while open: nothing"
+
+
+# ---------------------------------------------------------------- the volume register
+
+
+def register(litres_per_hour: list[float], dt: int, start: float = 1234.5) -> np.ndarray:
+    """A register (1 L resolution) fed ``litres_per_hour`` over each interval."""
+    added = np.cumsum(np.asarray(litres_per_hour) / 1000 * dt / HOUR_MS)
+    return np.round(start + np.concatenate([[0.0], added[:-1]]), 3)
+
+
+def test_a_leak_below_near_zero_is_a_micro_leak_seen_by_the_register() -> None:
+    # 1 L/h behind the meter: the flow reads 0 (below near zero), the register creeps up
+    dt = 10 * MINUTE_MS
+    n = 28 * 6  # 28 hours
+    cols = stream([0.0] * n, dt=dt, volume_m3=register([1.0] * n, dt))
+    raised = run(cols, Rule.MICRO_LEAK, dt=dt)
+    assert len(raised) == 1 and raised[0][1]
+    assert 24 * 6 <= raised[0][0] <= 26 * 6  # after about micro_register_ms (a day)
+    # the same home with a quiet night (the register still 4 h) in the middle: nothing
+    quiet = [1.0] * 20 * 6 + [0.0] * 24 + [1.0] * 20 * 6
+    cols = stream([0.0] * len(quiet), dt=dt, volume_m3=register(quiet, dt))
+    assert run(cols, Rule.MICRO_LEAK, dt=dt) == []
+    # and a household cooking three times a day with nights off: nothing in a week
+    day = [0.0] * 7 * 6 + [500.0] * 3 + [0.0] * 4 * 6 + [800.0] * 3 + [0.0] * 6 * 6 + [600.0] * 6
+    week = (day + [0.0] * (24 * 6 - len(day))) * 7
+    flows = [litres / 1000 for litres in week]
+    cols = stream(flows, dt=dt, volume_m3=register(week, dt))
+    assert run(cols, Rule.MICRO_LEAK, dt=dt) == []
+    assert run(cols, Rule.METER_MISMATCH, dt=dt) == []
+
+
+def test_micro_leak_from_the_register_clears_when_the_register_stands_still() -> None:
+    dt = 30 * MINUTE_MS
+    litres = [1.0] * 54 + [0.0] * 10
+    cols = stream([0.0] * 64, dt=dt, volume_m3=register(litres, dt))
+    events = run(cols, Rule.MICRO_LEAK, dt=dt)
+    assert [up for _, up in events] == [True, False]
+    assert events[1][0] >= 54 + 6  # still for more than register_still_ms (3 h)
+
+
+def test_register_climbing_while_the_flow_reads_zero_is_a_meter_mismatch() -> None:
+    # a flow sensor stuck at 0 while the home uses 0.6 m3/h
+    n = 12
+    cols = stream([0.0] * n, volume_m3=register([600.0] * n, MINUTE_MS))
+    assert run(cols, Rule.METER_MISMATCH) == [(3, True)]  # the third interval in a row
+    # ... and the register far ahead of the reported flow (0.1 m3/h reported, 1.2 counted)
+    cols = stream([0.1] * n, volume_m3=register([1200.0] * n, MINUTE_MS))
+    assert run(cols, Rule.METER_MISMATCH) == [(3, True)]
+    # ... and a register standing still while 0.9 m3/h flows; agreement clears it
+    vol = np.concatenate([np.full(6, 50.0), register([900.0] * 6, MINUTE_MS, start=50.0)])
+    cols = stream([0.9] * 12, volume_m3=vol)
+    assert run(cols, Rule.METER_MISMATCH) == [(3, True), (9, False)]
+
+
+def test_register_and_flow_that_agree_raise_no_mismatch() -> None:
+    flows = [0.0, 0.0, 0.4, 0.5, 0.45, 0.0, 0.0, 1.2, 1.3, 0.0] * 10
+    litres = [1000 * f for f in flows]
+    cols = stream(flows, volume_m3=register(litres, MINUTE_MS))
+    assert run(cols, Rule.METER_MISMATCH) == []
+
+
+def test_gas_past_a_closed_valve_seen_by_the_register_is_critical() -> None:
+    # the valve reports closed, the flow reads 0, yet the register climbs 3 L
+    vol = [100.0, 100.0, 100.001, 100.002, 100.003, 100.004]
+    cols = stream([0.0] * 6, volume_m3=vol, valve_closed=[1] * 6)
+    events, _ = detect_meters(cols, MeterParams(), MeterState(1))
+    raised = [t for _, t, r, up, _ in events.rows() if r == Rule.VALVE_FAULT and up]
+    assert [(t - T0) // MINUTE_MS for t in raised] == [5]  # 2 readings past 2 L
+    assert SEVERITY[Rule.VALVE_FAULT] == Severity.CRITICAL
+    # a register that stays put behind the closed valve: nothing
+    cols = stream([0.0] * 6, volume_m3=[100.0] * 6, valve_closed=[1] * 6)
+    assert run(cols, Rule.VALVE_FAULT) == []
+    # gas counted before the valve closed does not count
+    cols = stream([0.5, 0.5, 0.0, 0.0, 0.0], volume_m3=[100.0, 100.01, 100.02, 100.02, 100.02],
+                  valve_closed=[0, 0, 1, 1, 1])  # fmt: skip
+    assert run(cols, Rule.VALVE_FAULT) == []
+
+
+def test_low_battery_raises_once_and_clears_above_the_clear_level() -> None:
+    batt = [30.0, 19.0, 19.5, 18.0, 21.0, 19.0, 22.0, 26.0, 26.0, 27.0]
+    cols = stream([0.0] * 10, battery_pct=batt)
+    assert run(cols, Rule.BATTERY_LOW) == [(3, True), (9, False)]
+    # a battery the meter cannot have is a sensor fault, not a low battery
+    cols = stream([0.0] * 4, battery_pct=[-5.0, -5.0, -5.0, -5.0])
+    assert run(cols, Rule.BATTERY_LOW) == []

@@ -21,8 +21,8 @@ from ingest.detect import (
     MeterParams,
     Rule,
 )
-from ingest.detect.params import DAY_MS, MINUTE_MS
-from ingest.detect.state import ML_DAYS_BIT, ML_NIGHT_BIT, RISE_HISTORY
+from ingest.detect.params import DAY_MS, HOUR_MS, MINUTE_MS
+from ingest.detect.state import ML_DAYS_BIT, ML_NIGHT_BIT, ML_REGISTER_BIT, RISE_HISTORY
 
 Event = tuple[int, int, int, bool, float | None]  # idx, ts, rule, raised, value (None: NaN)
 NAN = math.nan
@@ -73,6 +73,16 @@ class RefDevice:
     ml_days: bool = False
     ph_hi: int = 0
     ph_ok: int = 0
+    last_flow: float = NAN
+    reg_move_ts: int | None = None
+    reg_run_ts: int | None = None
+    ml_reg: bool = False
+    vc_on: int = 0
+    vc_vol: float = NAN
+    mm_bad: int = 0
+    mm_ok: int = 0
+    bl_lo: int = 0
+    bl_ok: int = 0
 
 
 class Reference:
@@ -288,7 +298,18 @@ class Reference:
             d.ml_days = True
         elif no_flow:
             d.ml_days = False
-        out.set(Rule.MICRO_LEAK, d.ml_night or d.ml_days, f)
+        vol = r["volume_m3"]
+        restart = False
+        if vol - d.last_volume > p.register_step_m3:  # the register moved
+            if d.reg_move_ts is None or ts - d.reg_move_ts > p.register_still_ms:
+                d.reg_run_ts, restart = ts, True
+            d.reg_move_ts = ts
+        still = d.reg_move_ts is None or ts - d.reg_move_ts > p.register_still_ms
+        if still or restart:
+            d.ml_reg = False
+        elif d.reg_run_ts is not None and ts - d.reg_run_ts >= p.micro_register_ms:
+            d.ml_reg = True
+        out.set(Rule.MICRO_LEAK, d.ml_night or d.ml_days or d.ml_reg, f)
 
         raw_pr = r.get("pressure_kpa", NAN)
         pr = pressure_seen(raw_pr, p)
@@ -307,7 +328,13 @@ class Reference:
             elif d.ph_ok >= p.pressure_clear_samples:
                 out.set(Rule.PRESSURE_HIGH, False, pr)
 
-        leak = r.get("valve_closed", False) and abs(f) > nz
+        closed = r.get("valve_closed", False)
+        if closed:
+            d.vc_vol = vol if d.vc_on == 0 else d.vc_vol
+            d.vc_on += 1
+        else:
+            d.vc_on, d.vc_vol = 0, NAN
+        leak = closed and (abs(f) > nz or vol - d.vc_vol > p.valve_passing_m3)
         d.vf_on = d.vf_on + 1 if leak else 0
         d.vf_off = 0 if leak else d.vf_off + 1
         if d.vf_on >= p.valve_samples:
@@ -329,7 +356,15 @@ class Reference:
         elif d.rf_off >= p.reverse_clear_samples:
             out.set(Rule.REVERSE_FLOW, False, f)
 
-        vol, batt = r["volume_m3"], r.get("battery_pct", NAN)
+        self._mismatch(d, ts, f, vol, out)
+        batt = r.get("battery_pct", NAN)
+        seen = batt if p.battery_min <= batt <= p.battery_max else NAN
+        d.bl_lo = d.bl_lo + 1 if seen < p.battery_low else 0
+        d.bl_ok = d.bl_ok + 1 if seen >= p.battery_low_clear else 0
+        if d.bl_lo >= p.battery_low_samples:
+            out.set(Rule.BATTERY_LOW, True, seen)
+        elif d.bl_ok >= p.battery_low_samples:
+            out.set(Rule.BATTERY_LOW, False, seen)
         bad = (
             d.last_volume - vol > p.volume_drop_m3
             or math.isnan(vol)
@@ -344,7 +379,24 @@ class Reference:
         elif d.sf_ok >= p.fault_clear_samples:
             out.set(Rule.SENSOR_FAULT, False, raw)
         self._clock(d, r, out, p.skew_clear_samples)
-        d.last_volume = vol
+        d.last_volume, d.last_flow = vol, f
+
+    def _mismatch(self, d: RefDevice, ts: int, f: float, vol: float, out: _Out) -> None:
+        p: MeterParams = self.p
+        bad = good = False
+        reg = vol - d.last_volume
+        if d.norm_ts is not None and ts - d.norm_ts <= p.mismatch_max_gap_ms:
+            by_flow = (forward(f) + forward(d.last_flow)) / 2 * (ts - d.norm_ts) / HOUR_MS
+            if math.isfinite(reg) and math.isfinite(by_flow):
+                tol, k = p.mismatch_tol_m3, p.mismatch_ratio
+                bad = reg > k * by_flow + tol or by_flow > k * max(reg, 0.0) + tol
+                good = not bad and (by_flow > tol or reg > tol)
+        d.mm_bad = d.mm_bad + 1 if bad else 0
+        d.mm_ok = d.mm_ok + 1 if good else 0
+        if d.mm_bad >= p.mismatch_samples:
+            out.set(Rule.METER_MISMATCH, True, reg)
+        elif d.mm_ok >= p.mismatch_clear_samples:
+            out.set(Rule.METER_MISMATCH, False, reg)
 
     def state_arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         """The reference state in the kernel state's layout (None -> NO_TS, open -> bits)."""
@@ -355,6 +407,7 @@ class Reference:
                 if name == "open":
                     v: Any = sum(1 << int(r) for r in d.open)
                     v |= (ML_NIGHT_BIT if d.ml_night else 0) | (ML_DAYS_BIT if d.ml_days else 0)
+                    v |= ML_REGISTER_BIT if d.ml_reg else 0
                 elif name == "gl_hist":  # bit 0: the latest reading
                     keep = getattr(self.p, "gas_low_window", 1) - 1
                     recent = d.recent_low[-keep:] if keep else []
@@ -395,6 +448,11 @@ UNTIL_RULES = {"gl_until": Rule.GAS_LOW, "gh_until": Rule.GAS_HIGH, "burst_until
                "vf_until": Rule.VALVE_FAULT, "ph_until": Rule.PRESSURE_HIGH}  # fmt: skip
 
 
+def forward(flow: float) -> float:
+    """The flow the register counts (NaN stays NaN, as np.clip)."""
+    return flow if math.isnan(flow) else max(flow, 0.0)
+
+
 def ch4_seen(x: float, p: DetectorParams) -> float:
     return x if p.ch4_min <= x <= p.ch4_max else NAN
 
@@ -432,11 +490,11 @@ def test_reference_sees_a_burst() -> None:
     cols = MeterColumns(
         idx=np.zeros(5, np.int64),
         ts=np.arange(5, dtype=np.int64) * 60_000,
-        volume_m3=np.zeros(5),
+        volume_m3=np.zeros(5),  # a register standing under a burst: METER_MISMATCH too
         flow_m3h=flow,
     )
     events, _ = ref.process(cols)
-    assert [(e[1], e[2], e[3]) for e in events] == [
+    assert [(e[1], e[2], e[3]) for e in events if e[2] == Rule.BURST] == [
         (60_000, Rule.BURST, True),
         (240_000, Rule.BURST, False),
     ]

@@ -116,9 +116,11 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
         ts = T0 + int(rng.integers(0, 24 * HOUR_MS)) + np.cumsum(dt)
         scale = float(rng.choice([0.5, 2.0]))  # small households learn a low usual peak
         flow = np.empty(length)
+        counted = np.zeros(length)  # what the register counts beyond the reported flow
         valve = np.zeros(length, np.bool_)
         tamper = np.zeros(length, np.bool_)
         mode, left, closed_left, tamper_left, micro = "off", 0, 0, 0, 0.05
+        hidden_left, hidden = 0, 0.0
         for j in range(length):
             local_h = ((int(ts[j]) + 8 * HOUR_MS) % (24 * HOUR_MS)) / HOUR_MS
             if left <= 0:
@@ -157,11 +159,22 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
             if tamper_left > 0:
                 tamper_left -= 1
                 tamper[j] = True
+            # stretches where the register sees gas the flow does not: a leak below near
+            # zero (a few L/h), or a flow sensor that reads 0 under real use
+            if hidden_left <= 0 and rng.random() < 0.01:
+                hidden_left = int(rng.geometric(0.01))
+                hidden = float(rng.choice([0.002, 0.004, 0.3, 1.0]))
+            if hidden_left > 0:
+                hidden_left -= 1
+                counted[j] = hidden
+                if hidden >= 0.3:
+                    f = 0.0
             flow[j] = round(f, 4)
         flow[rng.random(length) < 0.003] = np.nan
         flow[rng.random(length) < 0.002] = rng.choice([20 * q, 1e300, -50.0])
         hours = np.diff(ts, prepend=ts[0]) / HOUR_MS
-        volume = 1000 + np.cumsum(np.nan_to_num(np.abs(flow)) * hours)
+        volume = 1000 + np.cumsum((np.nan_to_num(np.abs(flow)) + counted) * hours)
+        volume = np.round(volume, 3)  # the register's 1 L resolution
         drop = rng.random(length) < 0.005
         volume[drop] -= rng.uniform(0.0005, 0.1, int(drop.sum()))
         volume[rng.random(length) < 0.003] = np.nan
@@ -179,6 +192,11 @@ def meter_stream(rng: np.random.Generator, devices: int, length: int, qmax: np.n
         if i % 4 == 3:
             pressure[:] = np.nan  # a profile without a pressure sensor
         battery = 80 + rng.standard_normal(length)
+        if i % 3 == 1:  # a weak battery: around the low level, in and out
+            phase = rng.uniform(0, 6.3)
+            battery = (
+                22.5 + 5 * np.sin(np.arange(length) / 40 + phase) + rng.standard_normal(length)
+            )
         battery[rng.random(length) < 0.1] = np.nan
         battery[rng.random(length) < 0.003] = 120.0
         reverse = rng.random(length) < 0.005
