@@ -59,7 +59,7 @@ def create_app(settings: HotlineSettings | None = None) -> FastAPI:
         outbox = OutboxWorker(
             settings.database_url,
             Policy(settings.hotline_storm_tickets, settings.hotline_storm_window_s,
-                   settings.hotline_valve_rules),
+                   settings.hotline_valve_rules, settings.hotline_cooldown),
             settings.hotline_outbox_batch,
             settings.hotline_outbox_poll_s,
             wake_valve,

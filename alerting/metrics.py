@@ -27,6 +27,8 @@ class _Hotline(Collector):
             ("outbox_rows_failed", "outbox rows that could not be applied (ticketed as "
              "unreadable)", outbox.failed),
             ("tickets_opened_from_alarms", "tickets opened by the outbox", outbox.opened),
+            ("alarms_during_cooldown", "alarms recorded on a ticket resolved moments before "
+             "(its cool-down) instead of opening one", outbox.cooled),
             ("live_events", "ticket events announced to the live feed", feed.events),
             ("live_event_errors", "announcements the live feed could not handle", feed.errors),
         ]  # fmt: skip

@@ -4,7 +4,8 @@ Rows are taken with ``FOR UPDATE SKIP LOCKED``; each row's effect on the tickets
 ``done_at`` are written in one transaction, so every alarm makes its effect exactly once,
 across restarts and with several service instances. One open ticket per (household, cause):
 a repeat appends an event to it and counts; a clear is recorded on it; a confirmation from a
-second device raises its priority.
+second device raises its priority. With none open, an alarm of the leak a ticket was just
+resolved for is recorded on that ticket instead of opening another (:mod:`alerting.cooldown`).
 
 Each row is applied inside its own savepoint: a row that cannot be applied as designed (an
 unknown rule, a field of the wrong type, a household that is gone, a bug) is rolled back alone,
@@ -22,6 +23,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from alerting.cooldown import Cooldown, during_cooldown, new_rise, resolved_within
 from alerting.tickets import insert_ticket, silenced
 from alerting.unreadable import OutboxRow, ticket_unreadable
 
@@ -59,6 +61,7 @@ class Policy:
     storm_tickets: int = 5
     storm_window_s: float = 300.0
     valve_rules: tuple[str, ...] = ("gas_high", "burst")
+    cooldown: Cooldown = field(default_factory=Cooldown)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Taken:
     rows: int = 0
     opened: int = 0
     appended: int = 0
+    cooled: int = 0  # alarms recorded on a just-resolved ticket instead of opening one
     incidents: int = 0
     failed: list[int] = field(default_factory=list)  # outbox ids ticketed as unreadable
     valve_commands: list[str] = field(default_factory=list)
@@ -162,8 +166,20 @@ async def _apply(cur: psycopg.AsyncCursor[Any], item: OutboxRow, policy: Policy,
     ticket_id = 0
     priority = if_critical if payload.get("severity") == "critical" else otherwise
     test = False
+    note: dict[str, Any] = {}  # added to the event's detail beside the payload
     if row is None and event == "raised":
         test = payload.get("test") is True or await silenced(cur, household, payload.get("device"))
+        resolved = None if test else await resolved_within(cur, household, cause, policy.cooldown)
+        if resolved is not None:
+            rise = new_rise(payload.get("severity"), payload.get("value"), resolved,
+                            policy.cooldown.margin)  # fmt: skip
+            if rise is None:
+                await during_cooldown(cur, item, resolved, policy.cooldown, SYSTEM_OWNER)
+                taken.cooled += 1
+                return False
+            note = {"cooldown_ticket": resolved.ticket_id,
+                    "cooldown_note": f"a new rise after ticket {resolved.ticket_id} was "
+                                     f"resolved: {rise}"}  # fmt: skip
         ticket = await insert_ticket(
             cur, category=category, priority=priority, cause=cause, source="alarm",
             owner=SYSTEM_OWNER, household_id=household, device_id=payload.get("device"),
@@ -205,9 +221,10 @@ async def _apply(cur: psycopg.AsyncCursor[Any], item: OutboxRow, policy: Policy,
     if kind:
         await cur.execute(
             "INSERT INTO ticket_events (ticket_id, actor, kind, alarm_id, outbox_id, detail) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            (ticket_id, SYSTEM_OWNER, kind, alarm_id, outbox_id, detail),
-        )
+            "VALUES (%s, %s, %s, %s, %s, %s::jsonb || %s::jsonb)",
+            (ticket_id, SYSTEM_OWNER, kind, alarm_id, outbox_id, detail,
+             orjson.dumps(note if kind == "opened" else {}).decode()),
+        )  # fmt: skip
     if opened and not test and payload.get("district"):
         taken.incidents += await _group_storm(
             cur,

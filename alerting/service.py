@@ -100,6 +100,7 @@ class OutboxWorker:
         self.wake = asyncio.Event()
         self.rows = 0
         self.opened = 0
+        self.cooled = 0  # alarms recorded on a just-resolved ticket (its cool-down)
         self.incidents = 0
         self.failed = 0  # rows that could not be applied (ticketed as unreadable)
 
@@ -112,6 +113,7 @@ class OutboxWorker:
                 taken = await take_outbox(conn, self._batch, self._policy)
                 self.rows += taken.rows
                 self.opened += taken.opened
+                self.cooled += taken.cooled
                 self.incidents += taken.incidents
                 self.failed += len(taken.failed)
                 if taken.valve_commands:

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from alerting.cooldown import Cooldown
 from gasguard.settings import _PLACEHOLDERS, CommonSettings
 
 # alarm rules whose critical alarms close the household's valve under the default policy
@@ -33,6 +34,12 @@ class HotlineSettings(CommonSettings):
     # and escalated (again every as many minutes); breached promises escalate too
     hotline_ack_minutes: float = Field(5.0, gt=0)
     hotline_escalate_every_s: float = Field(10.0, gt=0)
+    # cool-down: an alarm of the leak a ticket was resolved for within this many minutes, no
+    # worse than its alarms and at most the margin (a fraction) above their highest value, is
+    # recorded on that ticket instead of opening one (alerting.cooldown); 0 turns it off. 30:
+    # a ventilated home (air changed every 3-10 min) falls from 100 to 5 %LEL in 3 such times
+    hotline_cooldown_minutes: float = Field(30.0, ge=0, le=24 * 60)
+    hotline_cooldown_margin: float = Field(0.1, ge=0, le=10)
     # valve policy: critical alarms of these rules send a close-valve command to the gateway
     hotline_valve_rules: Annotated[tuple[str, ...], NoDecode] = DEFAULT_VALVE_RULES
     hotline_valve_enabled: bool = True
@@ -42,6 +49,10 @@ class HotlineSettings(CommonSettings):
     hotline_webhook_url: str | None = None
     hotline_webhook_secret: SecretStr | None = None
     hotline_webhook_timeout_s: float = Field(5.0, gt=0)
+
+    @property
+    def hotline_cooldown(self) -> Cooldown:
+        return Cooldown(self.hotline_cooldown_minutes, self.hotline_cooldown_margin)
 
     @field_validator("hotline_valve_rules", mode="before")
     @classmethod

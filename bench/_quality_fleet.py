@@ -164,8 +164,9 @@ class Fleet:
             for kind, ids, key, qmax in devices:
                 interval_s = self.cfg.interval_ms(kind) // 1000
                 info = DeviceInfo(
-                    key, str(ids[i]), kind, g, f"H{i:06d}", district, interval_s, False, qmax
-                )
+                    key, str(ids[i]), kind, g, f"H{i:06d}", district, interval_s, False, qmax,
+                    registered_ms=self.cfg.t0_ms,
+                )  # fmt: skip
                 reg.by_id[info.id] = info
                 reg.by_key[info.key] = info
         reg.gateways = set(self.gateway_ids)

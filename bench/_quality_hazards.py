@@ -34,6 +34,7 @@ from _quality_fleet import (
 )
 
 from gasguard.fields import Kind
+from ingest.detect.params import MeterParams
 
 STUCK_SAMPLES, STUCK_MS = 30, 15 * MINUTE_MS  # identical CH4 this often, this long
 CONTINUOUS_MS = 6 * HOUR_MS  # flow that never returns to zero for longer
@@ -275,9 +276,16 @@ def _decisive(fleet: Fleet, plan: Plan, i: int) -> tuple[int, bool]:
     name, device, h = plan.kind[i], plan.device[i], int(plan.hh[i])
     iv = _interval(fleet, device)
     first = int(plan.first[i])
-    if name in ("detector_silent", "meter_silent", "never_reported"):
+    if name == "never_reported":  # registered at the month's start: the commissioning grace
+        return fleet.cfg.t0_ms + int(MeterParams().never_reported_ms), True
+    if name in ("detector_silent", "meter_silent"):
         return first - iv + 3 * iv, True  # three intervals after the last reading
-    if name in ("gas_low", "gas_low_boundary", "valve_closed_flow", "valve_closed_register"):
+    if name == "battery_low":
+        return first + 2 * iv, False  # the third reading below 20 %
+    if name == "valve_closed_register":  # the register more than 2 L up, on 2 readings
+        litres_per_reading = float(plan.mag[i]) * 1000 * iv / HOUR_MS
+        return first + (int(2.0 // litres_per_reading) + 2) * iv, False
+    if name in ("gas_low", "gas_low_boundary", "valve_closed_flow"):
         return first + iv, False  # the second reading
     if name == "gas_low_flicker":
         return first + 2 * iv, False  # the second reading at >= 10 %LEL

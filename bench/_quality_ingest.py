@@ -59,8 +59,10 @@ class Consumer:
         watched: BoolArray,
         reference: ReferenceCheck | None,
         stats: FaultStats,
+        gateways: set[str] | None = None,
     ) -> None:
         self.fleet = fleet
+        self.gateways = gateways  # this shard's (NEVER_REPORTED judges only those)
         self.registry = registry
         self.detection = detection
         self.max_messages = max_messages
@@ -96,7 +98,7 @@ class Consumer:
 
     def silence(self, now_ms: int) -> None:
         t = time.perf_counter()
-        changes = self.detection.silence(now_ms, self.registry)
+        changes = self.detection.silence(now_ms, self.registry, self.gateways)
         wall = time.perf_counter() - t
         self.busy_s += wall
         for c in changes:

@@ -118,13 +118,19 @@ class Ingest:
     # ------------------------------------------------------------------ MQTT side
 
     def _subscriptions(self) -> tuple[tuple[str, int], ...]:
+        mine = self._my_gateways()
+        if mine is None:
+            return (("gasguard/v1/+/telemetry", 1), ("gasguard/v1/+/alarm", 1))
+        return tuple(
+            (f"gasguard/v1/{g}/{ch}", 1) for g in sorted(mine) for ch in ("telemetry", "alarm")
+        )
+
+    def _my_gateways(self) -> set[str] | None:
+        """This shard's gateways; None when there is one shard (every gateway)."""
         s = self.settings
         if s.ingest_shards == 1:
-            return (("gasguard/v1/+/telemetry", 1), ("gasguard/v1/+/alarm", 1))
-        mine = sorted(
-            g for g in self.registry.gateways if shard_of(g, s.ingest_shards) == s.ingest_shard
-        )
-        return tuple((f"gasguard/v1/{g}/{ch}", 1) for g in mine for ch in ("telemetry", "alarm"))
+            return None
+        return {g for g in self.registry.gateways if shard_of(g, s.ingest_shards) == s.ingest_shard}
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         self._inbox.append(
@@ -466,7 +472,8 @@ class Ingest:
 
     async def silence_scan(self) -> None:
         async with self._order_lock, self._db_lock:  # between micro-batches' detection
-            changes = self.detection.silence(int(time.time() * 1000), self.registry)
+            now = int(time.time() * 1000)
+            changes = self.detection.silence(now, self.registry, self._my_gateways())
             if not changes:
                 return
             conn = await self._db()

@@ -205,7 +205,11 @@ class Detection:
             )
         return changes(events, registry)
 
-    def silence(self, now_ms: int, registry: Registry) -> list[AlarmChange]:
+    def silence(
+        self, now_ms: int, registry: Registry, gateways: set[str] | None = None
+    ) -> list[AlarmChange]:
+        """SILENT and NEVER_REPORTED as of ``now_ms``; NEVER_REPORTED only for the devices
+        behind ``gateways`` (a shard's: the others report to another shard; None: all)."""
         self._prepare(registry)
         out: list[AlarmChange] = []
         kinds: tuple[tuple[Kind, DetectorState | MeterState, DetectorParams | MeterParams], ...] = (
@@ -214,7 +218,7 @@ class Detection:
         )
         for kind, state, params in kinds:
             out += changes(scan_silence(state, now_ms, params), registry)
-            registered = registry.registered_array(kind)
+            registered = registry.registered_array(kind, gateways)
             since = np.where(registered == NO_TS, NO_TS, np.maximum(registered, self.started_ms))
             never = scan_never_reported(state, now_ms, since, params.never_reported_ms)
             out += changes(never, registry)

@@ -228,12 +228,13 @@ class Registry:
             out[k] = d.qmax
         return out
 
-    def registered_array(self, kind: Kind) -> np.ndarray:
-        """Per key: when the device of ``kind`` was registered (epoch ms); NO_TS for keys of
-        the other kind, unknown keys and devices without a registration time."""
+    def registered_array(self, kind: Kind, gateways: set[str] | None = None) -> np.ndarray:
+        """Per key: when the device of ``kind`` (behind one of ``gateways``; None: any) was
+        registered (epoch ms); NO_TS for other keys and devices without a registration time."""
         out = np.full(self.capacity, NO_TS, dtype=np.int64)
         for k, d in self.by_key.items():
-            if d.kind == kind and d.registered_ms is not None:
+            mine = gateways is None or d.gateway_id in gateways
+            if d.kind == kind and d.registered_ms is not None and mine:
                 out[k] = d.registered_ms
         return out
 

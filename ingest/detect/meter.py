@@ -177,10 +177,12 @@ def _register(b: Batch, p: MeterParams, st: MeterState, *, volume: FloatArray) -
     """MICRO_LEAK's register branch, for leaks below ``near_zero`` that the flow reads as none:
     the register has gone up at least once every ``register_still_ms`` (it never stood still
     that long) for ``micro_register_ms``. A still stretch, or the first rise after one, clears
-    it. With the register's 1 L resolution that reaches leaks down to about 1 L over
-    ``register_still_ms`` (0.33 L/h with the defaults)."""
+    it. The register has moved when it crossed a multiple of ``register_step_m3`` (0.5 L),
+    however small its steps. With a 1 L resolution that reaches leaks down to about 1 L over
+    ``register_still_ms`` (0.33 L/h with the defaults), with 0.1 L to 0.5 L (0.17 L/h)."""
     ts = b.ts
-    moved = volume - b.sg.shift_f(volume, st.last_volume[b.dev]) > p.register_step_m3
+    step = p.register_step_m3  # moved: crossed a multiple of it (a slow creep adds up)
+    moved = np.floor(volume / step) > np.floor(b.sg.shift_f(volume, st.last_volume[b.dev]) / step)
     last_move = _last_where(b, moved, st.reg_move_ts)
     prev_move = b.sg.shift_i(last_move, st.reg_move_ts[b.dev])
     restart = moved & (_since(ts, prev_move) > p.register_still_ms)

@@ -120,7 +120,7 @@ class MeterParams:
     valve_clear_samples: int = 2  # readings; cleared after this many without
     valve_passing_m3: float = 0.002  # the register up by more than this since the valve closed
     # The register (volume_m3, 1 L resolution on the wire) for what the flow cannot show:
-    register_step_m3: float = 0.0005  # an increase above this is the register moving
+    register_step_m3: float = 0.0005  # the register moved: it crossed a multiple of this
     register_still_ms: int = 3 * HOUR_MS  # still this long: no leak (any home's quiet night)
     micro_register_ms: int = 24 * HOUR_MS  # moving, never still, for a day: MICRO_LEAK
     mismatch_ratio: float = 3.0  # register vs the flow's integral: off by this factor ...

@@ -300,3 +300,13 @@ def test_low_battery_raises_once_and_clears_above_the_clear_level() -> None:
     # a battery the meter cannot have is a sensor fault, not a low battery
     cols = stream([0.0] * 4, battery_pct=[-5.0, -5.0, -5.0, -5.0])
     assert run(cols, Rule.BATTERY_LOW) == []
+
+
+def test_a_register_creeping_in_steps_smaller_than_its_step_still_counts_as_moving() -> None:
+    # 0.1 L resolution, 1 L/h read every 5 minutes: each reading adds 0.1 L or nothing
+    dt = 5 * MINUTE_MS
+    n = 26 * 12
+    litres = np.round(500.0 + np.arange(n) * (1.0 / 12) / 1000, 4)
+    cols = stream([0.0] * n, dt=dt, volume_m3=litres)
+    raised = run(cols, Rule.MICRO_LEAK, dt=dt)
+    assert len(raised) == 1 and raised[0][1] and raised[0][0] <= 25 * 12

@@ -300,7 +300,7 @@ class Reference:
             d.ml_days = False
         vol = r["volume_m3"]
         restart = False
-        if vol - d.last_volume > p.register_step_m3:  # the register moved
+        if crossed(d.last_volume, vol, p.register_step_m3):  # the register moved
             if d.reg_move_ts is None or ts - d.reg_move_ts > p.register_still_ms:
                 d.reg_run_ts, restart = ts, True
             d.reg_move_ts = ts
@@ -446,6 +446,13 @@ class _Out:
 
 UNTIL_RULES = {"gl_until": Rule.GAS_LOW, "gh_until": Rule.GAS_HIGH, "burst_until": Rule.BURST,
                "vf_until": Rule.VALVE_FAULT, "ph_until": Rule.PRESSURE_HIGH}  # fmt: skip
+
+
+def crossed(before: float, after: float, step: float) -> bool:
+    """The register went past a multiple of ``step`` (NaN: no)."""
+    if math.isnan(before) or math.isnan(after):
+        return False
+    return math.floor(after / step) > math.floor(before / step)
 
 
 def forward(flow: float) -> float:

@@ -54,3 +54,11 @@ def test_grace_counts_from_ingest_start_when_it_started_without_state() -> None:
     detection = Detection(started_ms=NOW - HOUR_MS)
     assert never(detection.silence(NOW, reg)) == []
     assert never(detection.silence(NOW + 24 * HOUR_MS, reg)) == [("D-0001", True)]
+
+
+def test_a_shard_judges_only_its_own_gateways_devices() -> None:
+    """Another shard's devices send it nothing: they are not "never reported"."""
+    reg = registry({"D-0001": NOW - 30 * HOUR_MS, "M-0002": NOW - 30 * HOUR_MS})
+    reg.by_id["M-0002"].gateway_id = "GW-2"
+    detection = Detection(started_ms=NOW - 100 * HOUR_MS)
+    assert never(detection.silence(NOW, reg, {"GW-2"})) == [("M-0002", True)]
