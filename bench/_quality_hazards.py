@@ -34,7 +34,7 @@ from _quality_fleet import (
 )
 
 from gasguard.fields import Kind
-from ingest.detect.params import MeterParams
+from ingest.detect.params import DetectorParams, MeterParams
 
 STUCK_SAMPLES, STUCK_MS = 30, 15 * MINUTE_MS  # identical CH4 this often, this long
 CONTINUOUS_MS = 6 * HOUR_MS  # flow that never returns to zero for longer
@@ -292,11 +292,7 @@ def _decisive(fleet: Fleet, plan: Plan, i: int) -> tuple[int, bool]:
     if name in ("pressure_low", "pressure_high"):
         return first + 2 * iv, False  # the third reading
     if name in ("gas_rising_fast", "gas_rising_slow"):
-        base = round(float(fleet.ch4_base[h]), 1)
-        j = 0
-        while _rise_value(base, plan.mag[i], plan.mag2[i], j, iv) < max(RISE_LEL, base + RISE_LEL):
-            j += 1
-        return first + j * iv, False
+        return first + _rise_decided(fleet, plan, i, iv) * iv, False
     if name in ("stuck_sensor", "stuck_sensor_low"):
         j = max(STUCK_SAMPLES - 1, -(-STUCK_MS // iv))
         return first + j * iv, False
@@ -308,6 +304,27 @@ def _decisive(fleet: Fleet, plan: Plan, i: int) -> tuple[int, bool]:
         seen = fleet.grid_at_or_after(device, h, night)
         return fleet.grid_at_or_after(device, h, seen + NIGHT_MS), False
     return first, False  # the first reading of the hazard
+
+
+def _rise_decided(fleet: Fleet, plan: Plan, i: int, iv: int) -> int:
+    """The rising reading (0: the first) that decides GAS_RISING by its definition (a
+    Theil-Sen trend over ``rise_samples`` readings spanning ``rise_min_span_ms``), the readings
+    before the rise at the household's clean-air level; its last reading if none does."""
+    p = DetectorParams()
+    base = round(float(fleet.ch4_base[int(plan.hh[i])]), 1)
+    values = [base] * (p.rise_samples - 1)
+    span = (p.rise_samples - 1) * iv
+    j = 0
+    while True:
+        x = _rise_value(base, float(plan.mag[i]), float(plan.mag2[i]), j, iv)
+        values.append(x)
+        w = values[-p.rise_samples :]
+        slopes = [(w[b] - w[a]) / ((b - a) * iv) * MINUTE_MS
+                  for a in range(len(w)) for b in range(a + 1, len(w))]  # fmt: skip
+        trend = float(np.median(slopes)) > p.rise_per_min and span >= p.rise_min_span_ms
+        if (trend and x >= p.rise_min_lel and x >= w[-2]) or x >= float(plan.mag2[i]) or j > 10**4:
+            return j
+        j += 1
 
 
 def _rise_value(base: float, rate: float, top: float, j: int, iv: int) -> float:
