@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from .events import BoolArray, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .params import per_device
-from .runs import Latched, Segments, Switch, latch
+from .runs import Latched, Segments, Switch, latch, run_lengths, sat32
 
 U32 = npt.NDArray[np.uint32]
 
@@ -67,6 +67,24 @@ class Batch:
         lt = latch(self.sg, [Switch(raise_t, clear_t, self.carried(bit))])
         self.emit(rule, lt, value)
         self.put(bit, lt.final[0])
+
+
+def counted_switch(
+    b: Batch,
+    rule: Rule,
+    on: tuple[BoolArray, int, npt.NDArray[np.int32]],
+    off: tuple[BoolArray, int, npt.NDArray[np.int32]],
+    value: FloatArray,
+) -> None:
+    """A rule raised by ``on[1]`` readings in a row meeting ``on[0]`` and cleared by ``off[1]``
+    in a row meeting ``off[0]`` (the two never hold at once); ``on[2]``/``off[2]`` are the runs
+    carried in the state (per device), moved on to the batch's last readings."""
+    dev, last = b.dev, b.last
+    on_run = run_lengths(b.sg, on[0], on[2][dev])
+    off_run = run_lengths(b.sg, off[0], off[2][dev])
+    b.switch(rule, on_run >= on[1], off_run >= off[1], value)
+    on[2][dev] = sat32(on_run[last])
+    off[2][dev] = sat32(off_run[last])
 
 
 def flag(col: npt.ArrayLike | None, order: IntArray) -> BoolArray:

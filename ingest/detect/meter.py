@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import Batch, flag, floats
+from .batch import Batch, counted_switch, flag, floats
 from .burst import apply_burst
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .late import late_hits, raise_late, track_clears
@@ -236,7 +236,7 @@ def _mismatch(
     intervals in a row (a flow sensor stuck at 0 under a climbing register, a register far
     ahead of the flow or standing while gas flows). Cleared by ``mismatch_clear_samples``
     intervals in a row that agree while gas flows; intervals without gas or values neither."""
-    dev, last = b.dev, b.last
+    dev = b.dev
     prev_ts = b.sg.shift_i(b.ts, st.norm_ts[dev])
     dt = _since(b.ts, prev_ts)
     reg = volume - b.sg.shift_f(volume, st.last_volume[dev])
@@ -246,25 +246,17 @@ def _mismatch(
     tol, k = p.mismatch_tol_m3, p.mismatch_ratio
     bad = valid & ((reg > k * by_flow + tol) | (by_flow > k * np.clip(reg, 0.0, None) + tol))
     good = valid & ~bad & ((by_flow > tol) | (reg > tol))
-    bad_run = run_lengths(b.sg, bad, st.mm_bad[dev])
-    ok_run = run_lengths(b.sg, good, st.mm_ok[dev])
-    b.switch(Rule.METER_MISMATCH, bad_run >= p.mismatch_samples,
-             ok_run >= p.mismatch_clear_samples, reg)  # fmt: skip
-    st.mm_bad[dev] = sat32(bad_run[last])
-    st.mm_ok[dev] = sat32(ok_run[last])
+    counted_switch(b, Rule.METER_MISMATCH, (bad, p.mismatch_samples, st.mm_bad),
+                   (good, p.mismatch_clear_samples, st.mm_ok), reg)  # fmt: skip
 
 
 def _battery(b: Batch, p: MeterParams, st: MeterState, *, battery: FloatArray) -> None:
     """BATTERY_LOW: below ``battery_low`` on ``battery_low_samples`` readings in a row, cleared
     at or above ``battery_low_clear`` on as many; a missing or impossible value neither."""
-    dev, last = b.dev, b.last
     batt = np.where((battery >= p.battery_min) & (battery <= p.battery_max), battery, np.nan)
-    lo_run = run_lengths(b.sg, batt < p.battery_low, st.bl_lo[dev])
-    ok_run = run_lengths(b.sg, batt >= p.battery_low_clear, st.bl_ok[dev])
-    b.switch(Rule.BATTERY_LOW, lo_run >= p.battery_low_samples,
-             ok_run >= p.battery_low_samples, batt)  # fmt: skip
-    st.bl_lo[dev] = sat32(lo_run[last])
-    st.bl_ok[dev] = sat32(ok_run[last])
+    n = p.battery_low_samples
+    counted_switch(b, Rule.BATTERY_LOW, (batt < p.battery_low, n, st.bl_lo),
+                   (batt >= p.battery_low_clear, n, st.bl_ok), batt)  # fmt: skip
 
 
 def _run_start(
@@ -289,28 +281,14 @@ def _pressure(b: Batch, p: MeterParams, st: MeterState, *, pressure: FloatArray)
     if not have.all():
         b = Batch.of(b.idx[have], b.ts[have], b.mask, b.sink)
         pressure = pressure[have]
-    dev, last = b.dev, b.last
     low = b.param(p.pressure_low_by_device, p.pressure_low)
-    lo_run = run_lengths(b.sg, pressure < low, st.pl_lo[dev])
-    hi_run = run_lengths(b.sg, pressure >= np.maximum(p.pressure_clear, low), st.pl_hi[dev])
-    b.switch(
-        Rule.PRESSURE_LOW,
-        lo_run >= p.pressure_low_samples,
-        hi_run >= p.pressure_clear_samples,
-        pressure,
-    )
-    st.pl_lo[dev] = sat32(lo_run[last])
-    st.pl_hi[dev] = sat32(hi_run[last])
-    over_run = run_lengths(b.sg, pressure > p.pressure_high, st.ph_hi[dev])
-    ok_run = run_lengths(b.sg, pressure <= p.pressure_high_clear, st.ph_ok[dev])
-    b.switch(
-        Rule.PRESSURE_HIGH,
-        over_run >= p.pressure_high_samples,
-        ok_run >= p.pressure_clear_samples,
-        pressure,
-    )
-    st.ph_hi[dev] = sat32(over_run[last])
-    st.ph_ok[dev] = sat32(ok_run[last])
+    counted_switch(b, Rule.PRESSURE_LOW, (pressure < low, p.pressure_low_samples, st.pl_lo),
+                   (pressure >= np.maximum(p.pressure_clear, low), p.pressure_clear_samples,
+                    st.pl_hi), pressure)  # fmt: skip
+    counted_switch(b, Rule.PRESSURE_HIGH,
+                   (pressure > p.pressure_high, p.pressure_high_samples, st.ph_hi),
+                   (pressure <= p.pressure_high_clear, p.pressure_clear_samples, st.ph_ok),
+                   pressure)  # fmt: skip
 
 
 def _flags(
