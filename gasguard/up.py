@@ -208,6 +208,15 @@ class Up:
     def _ingest(self) -> None:
         metrics = free_port()
         self.env["GASGUARD_INGEST_METRICS_PORT"] = str(metrics)
+        if self.speed != 1 and "GASGUARD_INGEST_THRESHOLDS_FILE" not in self.env:
+            # the gateway stamps readings with the wall clock while the simulated register
+            # runs ``speed`` times as fast: meter_mismatch must allow for that
+            thresholds = self.var / "up" / "thresholds.toml"
+            thresholds.parent.mkdir(parents=True, exist_ok=True)
+            thresholds.write_text(f"[meter]\nmismatch_ratio = {3.0 * max(self.speed, 1.0)}\n")
+            self.env["GASGUARD_INGEST_THRESHOLDS_FILE"] = str(thresholds)
+            say("ingest", f"simulated time x{self.speed:g}: register and flow compared with "
+                          f"that allowance ({thresholds})")  # fmt: skip
         self._spawn("ingest", ["ingest", "run"])
         self._until("ingest", lambda: port_open(metrics) or None)
         say("ingest", f"consuming; metrics at http://127.0.0.1:{metrics}/metrics")
