@@ -34,6 +34,7 @@ RULES: dict[str, tuple[str, str, str, str]] = {
     "gas_low": ("gas_leak", "emergency_repair", "critical", "high"),
     "gas_high": ("gas_leak", "emergency_repair", "critical", "critical"),
     "gas_rising": ("gas_leak", "emergency_repair", "critical", "high"),
+    "gas_present": ("gas_leak", "emergency_repair", "critical", "high"),
     "burst": ("burst", "emergency_repair", "critical", "critical"),
     "continuous_flow": ("leak_behind_meter", "inspection", "high", "normal"),
     "micro_leak": ("leak_behind_meter", "inspection", "high", "normal"),

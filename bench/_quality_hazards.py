@@ -308,23 +308,27 @@ def _decisive(fleet: Fleet, plan: Plan, i: int) -> tuple[int, bool]:
 
 def _rise_decided(fleet: Fleet, plan: Plan, i: int, iv: int) -> int:
     """The rising reading (0: the first) that decides GAS_RISING by its definition (a
-    Theil-Sen trend over ``rise_samples`` readings spanning ``rise_min_span_ms``), the readings
-    before the rise at the household's clean-air level; its last reading if none does."""
+    Theil-Sen trend over ``rise_samples`` readings spanning ``rise_min_span_ms``) or
+    GAS_PRESENT (``present_lel`` on every reading for ``present_ms``), whichever comes first;
+    the readings before the rise at the household's clean-air level."""
     p = DetectorParams()
     base = round(float(fleet.ch4_base[int(plan.hh[i])]), 1)
     values = [base] * (p.rise_samples - 1)
     span = (p.rise_samples - 1) * iv
-    j = 0
-    while True:
+    present_from: int | None = None
+    for j in range(10**5):
         x = _rise_value(base, float(plan.mag[i]), float(plan.mag2[i]), j, iv)
         values.append(x)
         w = values[-p.rise_samples :]
         slopes = [(w[b] - w[a]) / ((b - a) * iv) * MINUTE_MS
                   for a in range(len(w)) for b in range(a + 1, len(w))]  # fmt: skip
         trend = float(np.median(slopes)) > p.rise_per_min and span >= p.rise_min_span_ms
-        if (trend and x >= p.rise_min_lel and x >= w[-2]) or x >= float(plan.mag2[i]) or j > 10**4:
+        if trend and x >= p.rise_min_lel and x >= w[-2]:
             return j
-        j += 1
+        present_from = j if present_from is None and x >= p.present_lel else present_from
+        if present_from is not None and (j - present_from) * iv >= p.present_ms:
+            return j
+    return j
 
 
 def _rise_value(base: float, rate: float, top: float, j: int, iv: int) -> float:

@@ -355,7 +355,7 @@ async def raise_confidence(cur: psycopg.AsyncCursor[Any], households: set[str]) 
             SELECT household_id FROM alarms
             WHERE cleared_at IS NULL AND household_id = ANY(%s)
             GROUP BY household_id
-            HAVING bool_or(rule IN ('gas_low', 'gas_high', 'gas_rising'))
+            HAVING bool_or(rule IN ('gas_low', 'gas_high', 'gas_rising', 'gas_present'))
                AND bool_or(rule IN ('burst', 'continuous_flow', 'micro_leak', 'valve_fault'))
         )
         UPDATE alarms a SET confidence = 'high' FROM both_open b

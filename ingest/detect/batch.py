@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from .events import BoolArray, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .params import per_device
-from .runs import Latched, Segments, Switch, latch, run_lengths, sat32
+from .runs import NO_TS, Latched, Segments, Switch, latch, run_began, run_lengths, sat32
 
 U32 = npt.NDArray[np.uint32]
 
@@ -85,6 +85,19 @@ def counted_switch(
     b.switch(rule, on_run >= on[1], off_run >= off[1], value)
     on[2][dev] = sat32(on_run[last])
     off[2][dev] = sat32(off_run[last])
+
+
+def run_start(
+    b: Batch, cond: BoolArray, carried: IntArray, restart: BoolArray | None = None
+) -> IntArray:
+    """ts where the current run of ``cond`` began (carried from the state when it began
+    before this batch); meaningless where ``cond`` is False."""
+    carry = (carried[b.dev] != NO_TS).astype(np.int64)
+    _, began = run_began(b.sg, cond, carry, restart)
+    out = b.ts[np.clip(began, 0, b.sg.n - 1)]
+    from_state = np.flatnonzero(began < 0)
+    out[from_state] = carried[b.idx[from_state]]
+    return out
 
 
 def flag(col: npt.ArrayLike | None, order: IntArray) -> BoolArray:

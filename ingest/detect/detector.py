@@ -1,5 +1,5 @@
-"""Methane detector rules: GAS_LOW, GAS_HIGH, GAS_RISING, SENSOR_FAULT, CLOCK_SKEW (and
-SILENT).
+"""Methane detector rules: GAS_LOW, GAS_HIGH, GAS_RISING, GAS_PRESENT, SENSOR_FAULT,
+CLOCK_SKEW (and SILENT, NEVER_REPORTED).
 
 Each rule is a hysteresis switch over the device's readings in time order; runs of
 consecutive readings continue from the state, so the result does not depend on where batches
@@ -15,12 +15,12 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .batch import Batch, flag, floats
+from .batch import Batch, flag, floats, run_start
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule
 from .late import late_hits, raise_late, track_clears
 from .params import DetectorColumns, DetectorParams, per_device
 from .rising import apply_rising
-from .runs import run_began, run_lengths, sat32
+from .runs import NO_TS, run_began, run_lengths, sat32
 from .silence import begin_batch, clock_skew
 from .state import DetectorState
 
@@ -56,6 +56,7 @@ def detect_detectors(
         prev_ts = b.sg.shift_i(b.ts, state.norm_ts[b.dev])
         _gas(b, params, state, ch4=ch4, alarm=np.asarray(cols.alarm, np.bool_)[order])
         apply_rising(b, params, state, ch4=ch4)
+        _present(b, params, state, ch4=ch4)
         fault = flag(cols.fault, order) | flag(cols.eol, order)
         _sensor_fault(b, params, state, ch4=raw, prev_ch4=prev_raw, prev_ts=prev_ts, fault=fault)
         ahead = np.nan_to_num(floats(cols.ahead_ms, order), nan=0.0)
@@ -122,6 +123,20 @@ def _gas(
     clr_run = run_lengths(b.sg, ch4 < np.minimum(p.gas_high_clear, high), st.gh_clr[dev])
     b.switch(Rule.GAS_HIGH, ch4 >= high, clr_run >= p.gas_high_clear_samples, ch4)
     st.gh_clr[dev] = sat32(clr_run[last])
+
+
+def _present(b: Batch, p: DetectorParams, st: DetectorState, *, ch4: FloatArray) -> None:
+    """GAS_PRESENT: CH4 at or above ``present_lel`` on every reading for ``present_ms`` (by
+    the readings' time: gas that rises too slowly for GAS_RISING, or stays below GAS_LOW's
+    level); cleared below ``present_clear`` on ``present_clear_samples`` readings."""
+    dev, last = b.dev, b.last
+    at = ch4 >= p.present_lel
+    start = run_start(b, at, st.gp_start)
+    held = at & (b.ts - np.where(at, start, b.ts) >= p.present_ms)
+    clr_run = run_lengths(b.sg, ch4 < p.present_clear, st.gp_clr[dev])
+    b.switch(Rule.GAS_PRESENT, held, clr_run >= p.present_clear_samples, ch4)
+    st.gp_start[dev] = np.where(at[last], start[last], NO_TS)
+    st.gp_clr[dev] = sat32(clr_run[last])
 
 
 def _window_hits(b: Batch, cond: BoolArray, hist: npt.NDArray[np.int32], window: int) -> IntArray:

@@ -35,6 +35,7 @@ class Rule(IntEnum):
     METER_MISMATCH = 17
     BATTERY_LOW = 18
     NEVER_REPORTED = 19
+    GAS_PRESENT = 20
 
 
 class Severity(IntEnum):
@@ -61,12 +62,14 @@ SEVERITY: dict[Rule, Severity] = {
     Rule.METER_MISMATCH: Severity.MINOR,
     Rule.BATTERY_LOW: Severity.MAJOR,  # the valve may soon be unable to close
     Rule.NEVER_REPORTED: Severity.MINOR,
+    Rule.GAS_PRESENT: Severity.MAJOR,
 }
 
 DETECTOR_RULES: tuple[Rule, ...] = (
     Rule.GAS_LOW,
     Rule.GAS_HIGH,
     Rule.GAS_RISING,
+    Rule.GAS_PRESENT,
     Rule.SENSOR_FAULT,
     Rule.SILENT,
     Rule.CLOCK_SKEW,

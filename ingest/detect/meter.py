@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import Batch, counted_switch, flag, floats
+from .batch import Batch, counted_switch, flag, floats, run_start
 from .burst import apply_burst
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .late import late_hits, raise_late, track_clears
@@ -130,7 +130,7 @@ def _flow_time(
     dev, last, ts = b.dev, b.last, b.ts
     no_flow = np.abs(flow) <= p.near_zero
     flowing = flow > p.near_zero
-    flow_start = _run_start(b, flowing, st.flow_start)
+    flow_start = run_start(b, flowing, st.flow_start)
     flow_for = ts - np.where(flowing, flow_start, ts)
     limit = b.param(p.continuous_ms_by_device, float(p.continuous_ms))
     b.switch(Rule.CONTINUOUS_FLOW, flowing & (flow_for > limit), no_flow, flow)
@@ -144,7 +144,7 @@ def _flow_time(
     prev_ts = st.norm_ts[dev]
     prev_day = (np.where(prev_ts == NO_TS, ts[b.sg.first], prev_ts) + p.utc_offset_ms) // DAY_MS
     other_night = day != b.sg.shift_i(day, prev_day)
-    night_start = _run_start(b, small, st.night_start, restart=other_night)
+    night_start = run_start(b, small, st.night_start, restart=other_night)
     small_for = ts - np.where(small, night_start, ts)
     lt = latch(
         b.sg,
@@ -257,19 +257,6 @@ def _battery(b: Batch, p: MeterParams, st: MeterState, *, battery: FloatArray) -
     n = p.battery_low_samples
     counted_switch(b, Rule.BATTERY_LOW, (batt < p.battery_low, n, st.bl_lo),
                    (batt >= p.battery_low_clear, n, st.bl_ok), batt)  # fmt: skip
-
-
-def _run_start(
-    b: Batch, cond: BoolArray, carried: IntArray, restart: BoolArray | None = None
-) -> IntArray:
-    """ts where the current run of ``cond`` began (carried from the state when it began
-    before this batch); meaningless where ``cond`` is False."""
-    carry = (carried[b.dev] != NO_TS).astype(np.int64)
-    _, began = run_began(b.sg, cond, carry, restart)
-    out = b.ts[np.clip(began, 0, b.sg.n - 1)]
-    from_state = np.flatnonzero(began < 0)
-    out[from_state] = carried[b.idx[from_state]]
-    return out
 
 
 def _pressure(b: Batch, p: MeterParams, st: MeterState, *, pressure: FloatArray) -> None:

@@ -130,6 +130,8 @@ class DetectorState(_State):
         ("cs_ok", np.int32, 0),  # run: a clock within the tolerance
         ("rise_x", np.float32, np.nan),  # CH4 of the last RISE_HISTORY readings (col 0: latest)
         ("rise_ts", np.int64, NO_TS),  # and their ts
+        ("gp_start", np.int64, NO_TS),  # start of the current run of CH4 >= present_lel
+        ("gp_clr", np.int32, 0),  # run: CH4 < present_clear
     )
     norm_ts: I64
     last_ch4: F64
@@ -146,6 +148,8 @@ class DetectorState(_State):
     cs_ok: I32
     rise_x: npt.NDArray[np.float32]
     rise_ts: I64
+    gp_start: I64
+    gp_clr: I32
 
 
 class MeterState(_State):

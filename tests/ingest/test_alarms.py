@@ -50,6 +50,7 @@ EXPECTED = {
     ("D-0001", "gas_low"),
     ("D-0001", "gas_high"),
     ("D-0001", "gas_rising"),
+    ("D-0001", "gas_present"),
     ("M-0002", "burst"),
     ("M-0003", "continuous_flow"),
     ("M-0004", "micro_leak"),
@@ -64,6 +65,7 @@ EXPECTED = {
     ("D-0002", "gas_low"),
     ("D-0002", "gas_high"),
     ("D-0002", "gas_rising"),
+    ("D-0002", "gas_present"),
 }
 
 

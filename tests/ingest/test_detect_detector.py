@@ -266,3 +266,20 @@ def test_scan_silence_per_device_expected_interval() -> None:
     detect_detectors(cols, params, state)
     assert scan_silence(state, T0 + 5 * MIN, params).idx.tolist() == [1]
     assert scan_silence(state, T0 + 31 * MIN, params).idx.tolist() == [0]
+
+
+def test_gas_rising_too_slowly_for_a_trend_is_gas_present_after_ten_minutes() -> None:
+    # 0.3 %LEL a minute from clean air to 8 %LEL and held there: under the trend's 1 %LEL/min
+    # and under gas_low's 10 %LEL, yet gas in the home
+    ch4 = [min(0.4 + 0.3 * k, 8.0) for k in range(60)] + [2.0, 2.0]
+    cols = stream(ch4)
+    first_at_5 = next(k for k, x in enumerate(ch4) if x >= 5.0)
+    assert run(cols, Rule.GAS_RISING) == []
+    assert run(cols, Rule.GAS_LOW) == []
+    assert run(cols, Rule.GAS_PRESENT) == [(first_at_5 + 10, True), (61, False)]
+    # clean air with a cooking puff over 5 %LEL for a few minutes: nothing
+    puff = [0.4] * 10 + [6.0, 7.0, 6.5, 5.5] + [0.4] * 10
+    assert run(stream(puff), Rule.GAS_PRESENT) == []
+    # a reading just under the level restarts the ten minutes
+    dip = [6.0] * 8 + [4.9] + [6.0] * 11
+    assert run(stream(dip), Rule.GAS_PRESENT) == [(19, True)]

@@ -54,6 +54,8 @@ class RefDevice:
     recent_low: list[bool] = field(default_factory=list)  # CH4 >= gas_low, oldest first
     rise_hist: list[tuple[float, int]] = field(default_factory=list)  # newest first
     cs_ok: int = 0
+    gp_start: int | None = None
+    gp_clr: int = 0
     until: dict[int, int] = field(default_factory=dict)  # rule -> its latest clear
     # meter
     last_volume: float = NAN
@@ -217,6 +219,17 @@ class Reference:
             out.set(Rule.GAS_RISING, True, x)
         elif d.gr_clr >= p.rise_clear_samples:
             out.set(Rule.GAS_RISING, False, x)
+
+        present = x >= p.present_lel
+        if not present:
+            d.gp_start = None
+        elif d.gp_start is None:
+            d.gp_start = ts
+        d.gp_clr = d.gp_clr + 1 if x < p.present_clear else 0
+        if present and ts - d.gp_start >= p.present_ms:
+            out.set(Rule.GAS_PRESENT, True, x)
+        elif d.gp_clr >= p.present_clear_samples:
+            out.set(Rule.GAS_PRESENT, False, x)
 
         if raw == d.last_ch4:
             d.same_n += 1
@@ -488,7 +501,9 @@ def test_reference_sees_a_gas_leak() -> None:
     )
     events, stale = ref.process(cols)
     assert stale == 0
-    assert [(e[2], e[3]) for e in events] == [(Rule.GAS_LOW, True), (Rule.GAS_LOW, False)]
+    gas_low = [(e[2], e[3]) for e in events if e[2] == Rule.GAS_LOW]
+    assert gas_low == [(Rule.GAS_LOW, True), (Rule.GAS_LOW, False)]
+    assert (Rule.GAS_PRESENT, True) in [(e[2], e[3]) for e in events]  # 10 min at >= 5 %LEL
 
 
 def test_reference_sees_a_burst() -> None:

@@ -265,7 +265,7 @@ def test_qmax_for_sizes() -> None:
 
 
 def test_state_of_100k_devices_is_small() -> None:
-    """About 130 bytes a detector and 185 a meter (runs, the usual peak, the rising window,
+    """About 145 bytes a detector and 185 a meter (runs, the usual peak, the rising window,
     the latest clears of the rules late readings are judged by, the register's last rise and
     stretch, the closed valve's anchor): under 33 MB for 100,000 households."""
     total = DetectorState(100_000).nbytes + MeterState(100_000).nbytes
