@@ -54,6 +54,15 @@ def shard_of(gateway_id: str, shards: int) -> int:
     return zlib.crc32(gateway_id.encode()) % shards
 
 
+def shard_gateways(settings: IngestSettings, registry: Registry) -> set[str] | None:
+    """The gateways of this consumer's shard; None when there is one shard (every gateway)."""
+    if settings.ingest_shards == 1:
+        return None
+    return {
+        g for g in registry.gateways if shard_of(g, settings.ingest_shards) == settings.ingest_shard
+    }
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
@@ -118,19 +127,12 @@ class Ingest:
     # ------------------------------------------------------------------ MQTT side
 
     def _subscriptions(self) -> tuple[tuple[str, int], ...]:
-        mine = self._my_gateways()
+        mine = shard_gateways(self.settings, self.registry)
         if mine is None:
             return (("gasguard/v1/+/telemetry", 1), ("gasguard/v1/+/alarm", 1))
         return tuple(
             (f"gasguard/v1/{g}/{ch}", 1) for g in sorted(mine) for ch in ("telemetry", "alarm")
         )
-
-    def _my_gateways(self) -> set[str] | None:
-        """This shard's gateways; None when there is one shard (every gateway)."""
-        s = self.settings
-        if s.ingest_shards == 1:
-            return None
-        return {g for g in self.registry.gateways if shard_of(g, s.ingest_shards) == s.ingest_shard}
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         self._inbox.append(
@@ -473,7 +475,8 @@ class Ingest:
     async def silence_scan(self) -> None:
         async with self._order_lock, self._db_lock:  # between micro-batches' detection
             now = int(time.time() * 1000)
-            changes = self.detection.silence(now, self.registry, self._my_gateways())
+            mine = shard_gateways(self.settings, self.registry)
+            changes = self.detection.silence(now, self.registry, mine)
             if not changes:
                 return
             conn = await self._db()
