@@ -24,7 +24,7 @@ import orjson
 import psycopg
 
 from alerting.cooldown import Cooldown, during_cooldown, new_rise, resolved_within
-from alerting.tickets import insert_ticket, silenced
+from alerting.tickets import TEST_ENDED, end_test_tickets, insert_ticket, silenced
 from alerting.unreadable import OutboxRow, ticket_unreadable
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ RULES: dict[str, tuple[str, str, str, str]] = {
     "reverse_flow": ("device_fault", "inspection", "normal", "low"),
 }
 SYSTEM_OWNER = "system:alarms"
+# what can kill is never held under a district incident: grouped for the overview, each of
+# these stays in the queue, dispatchable, with its own promise (like any critical ticket)
+NEVER_HELD = ("gas_leak", "burst", "valve_passing")
 
 
 INCIDENT_OWNER = "system:incidents"
@@ -158,11 +161,17 @@ async def _apply(cur: psycopg.AsyncCursor[Any], item: OutboxRow, policy: Policy,
         )  # fmt: skip
         return False
     await cur.execute(
-        "SELECT id FROM tickets WHERE household_id = %s AND cause = %s "
+        "SELECT id, test_mode FROM tickets WHERE household_id = %s AND cause = %s "
         "AND status NOT IN ('resolved', 'closed', 'cancelled') FOR UPDATE",
         (household, cause),
     )
     row = await cur.fetchone()
+    if row is not None and row[1] and event == "raised" and payload.get("test") is not True:
+        # a real alarm after the household's test mode ran out: the test ticket ends and the
+        # alarm opens a real one (never a repeat on a ticket nobody may dispatch)
+        ended = await end_test_tickets(cur, household, payload.get("device"), SYSTEM_OWNER,
+                                       f"{TEST_ENDED}; a real {rule} alarm followed")  # fmt: skip
+        row = None if ended else row
     opened = False
     ticket_id = 0
     priority = if_critical if payload.get("severity") == "critical" else otherwise
@@ -330,21 +339,23 @@ async def _group_storm(
             (incident_ticket, INCIDENT_OWNER, "opened",
              orjson.dumps({"source": "incident", "district": district, "cause": cause}).decode()),
         )  # fmt: skip
-        # the storm's tickets so far go under it; critical ones stay in the queue
+        # the storm's tickets so far go under it; critical ones and NEVER_HELD stay in the queue
         await cur.execute(
-            "UPDATE tickets SET incident_id = %s, inhibited = (priority <> 'critical'), "
+            "UPDATE tickets SET incident_id = %s, "
+            "inhibited = (priority <> 'critical' AND cause <> ALL(%s)), "
             "updated_at = now() WHERE district = %s AND cause = %s AND NOT is_incident "
             "AND NOT test_mode AND incident_id IS NULL "
             "AND status IN ('new', 'acknowledged', 'dispatched', 'on_site') RETURNING id",
-            (incident_id, district, cause),
+            (incident_id, list(NEVER_HELD), district, cause),
         )
         attached = [int(r[0]) for r in await cur.fetchall()]
     else:
         incident_id = int(row[0])
         await cur.execute(
-            "UPDATE tickets SET incident_id = %s, inhibited = (priority <> 'critical'), "
+            "UPDATE tickets SET incident_id = %s, "
+            "inhibited = (priority <> 'critical' AND cause <> ALL(%s)), "
             "updated_at = now() WHERE id = %s",
-            (incident_id, ticket_id),
+            (incident_id, list(NEVER_HELD), ticket_id),
         )
         attached = [ticket_id]
     await cur.execute(

@@ -321,6 +321,34 @@ async def silenced(
     return bool(row and row[0])
 
 
+TEST_ENDED = "test mode ended"
+
+
+async def end_test_tickets(
+    cur: psycopg.AsyncCursor[Any], household: str | None, device: str | None, actor: str,
+    why: str = TEST_ENDED,
+) -> list[int]:  # fmt: skip
+    """Test mode ended for a household or device (lifted, or a real alarm came after it ran
+    out): its open test tickets end, cancelled and noted as test, so that nothing of the test
+    stays in the live queue and a real alarm opens a real ticket. Nothing ends while another
+    silence still covers them. Returns the tickets ended."""
+    async with cur.connection.cursor() as plain:  # whatever row factory ``cur`` has
+        if await silenced(plain, household, device):
+            return []
+        await plain.execute(
+            "UPDATE tickets SET status = 'cancelled', cancel_reason = %(why)s, "
+            "updated_at = now() WHERE test_mode AND status = ANY(%(open)s) "
+            "AND (household_id = %(h)s OR (%(d)s::text IS NOT NULL AND device_id = %(d)s)) "
+            "RETURNING id",
+            {"why": why, "open": list(OPEN), "h": household, "d": device},
+        )
+        ended = [int(r[0]) for r in await plain.fetchall()]
+        for ticket_id in ended:
+            await add_event(plain, ticket_id, actor, "cancel",
+                            {"to": "cancelled", "reason": why, "test_mode": True})  # fmt: skip
+    return ended
+
+
 async def create_from_call(
     cur: psycopg.AsyncCursor[Any],
     user: User,

@@ -225,6 +225,43 @@ def test_a_caller_is_found_and_a_neighbour_joins_the_open_ticket(
     )
 
 
+def test_a_real_leak_after_test_mode_ran_out_opens_a_real_ticket_and_closes_the_valve(
+    hotline: Hotline, database: str
+) -> None:
+    """Test mode is a window: the household leaked while in test mode (a test ticket), the
+    silence ran out by itself; a real leak then is never a repeat on the test ticket."""
+    technician, dispatcher = hotline.client("technician"), hotline.client("dispatcher")
+    silence = technician.post("/api/silences", json={"household_id": "H-0005",
+                                                     "reason": "selftest", "minutes": 30})  # fmt: skip
+    assert silence.status_code == 201
+    raise_alarm(database, "D-0005", "gas_low", "major")
+    test_ticket = ticket_of(hotline, "H-0005", "gas_leak")
+    assert test_ticket["test_mode"]
+    # the silence runs out by itself: nobody lifts it
+    query(
+        database,
+        "UPDATE silences SET starts_at = now() - interval '31 minutes', "
+        "ends_at = now() - interval '1 minute' WHERE id = %s RETURNING id",
+        (silence.json()["id"],),
+    )
+    raise_alarm(database, "D-0005", "gas_high", "critical")
+
+    def real_ticket() -> list[dict]:  # type: ignore[type-arg]
+        queue = dispatcher.get("/api/tickets", params={"include_held": True}).json()
+        return [t for t in queue if t["household_id"] == "H-0005" and not t["test_mode"]]
+
+    wait_for(lambda: bool(real_ticket()), 10, "a real ticket for H-0005")
+    real = real_ticket()[0]
+    assert (real["cause"], real["priority"]) == ("gas_leak", "critical")
+    assert query(database, "SELECT status FROM tickets WHERE id = %s",
+                 (test_ticket["id"],)) == [("cancelled",)]  # fmt: skip
+    assert query(database, "SELECT count(*) FROM valve_commands WHERE ticket_id = %s",
+                 (real["id"],)) == [(1,)], "the valve policy of a real leak"  # fmt: skip
+    dispatched = dispatcher.post(f"/api/tickets/{real['id']}/dispatch",
+                                 json={"department": "emergency repair"})  # fmt: skip
+    assert dispatched.status_code == 200, dispatched.text
+
+
 def test_a_silenced_household_gets_test_tickets_that_are_never_dispatched(
     hotline: Hotline, database: str
 ) -> None:
@@ -244,14 +281,13 @@ def test_a_silenced_household_gets_test_tickets_that_are_never_dispatched(
     assert query(database, "SELECT count(*) FROM valve_commands") == [(0,)], (
         "a test never closes a valve"
     )
-    # lifted: the next household alarm is real again
+    # lifted: the test ticket ends with it (nothing of the test left in the live queue) and
+    # the next household alarm is real again
     assert technician.delete(f"/api/silences/{silence.json()['id']}").status_code == 200
-    assert (
-        dispatcher.post(
-            f"/api/tickets/{ticket['id']}/cancel", json={"reason": "test over"}
-        ).status_code
-        == 200
-    )
+    assert query(database, "SELECT status, cancel_reason FROM tickets WHERE id = %s",
+                 (ticket["id"],)) == [("cancelled", "test mode ended")]  # fmt: skip
+    queue = dispatcher.get("/api/tickets", params={"include_held": True}).json()
+    assert not [t for t in queue if t["test_mode"]]
     raise_alarm(database, "M-0003", "burst", "critical")
     assert not ticket_of(hotline, "H-0003", "burst")["test_mode"]
     # a device in test mode in the registry, or a simulated test, is a test too

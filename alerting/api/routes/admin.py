@@ -20,6 +20,7 @@ from alerting.api.models import (
     UserOut,
 )
 from alerting.auth import User
+from alerting.tickets import end_test_tickets
 
 router = APIRouter(prefix="/api", tags=["admin"])
 DENIED: dict[int | str, dict[str, Any]] = {
@@ -133,7 +134,9 @@ async def lift_silence(
     conn: Conn,
     user: Annotated[User, Depends(need("silences.manage"))],
 ) -> dict[str, Any]:
-    async with conn.cursor(row_factory=dict_row) as cur:
+    """Lift a silence now; the test tickets it covered end with it (cancelled, noted as test)
+    unless another silence still covers them."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "UPDATE silences SET lifted_at = now() WHERE id = %s AND lifted_at IS NULL RETURNING *",
             (silence_id,),
@@ -141,7 +144,9 @@ async def lift_silence(
         row = await cur.fetchone()
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no silence {silence_id} in force")
-        await auth.audit(cur, user.username, "silence.lift", f"silence:{silence_id}")
+        ended = await end_test_tickets(cur, row["household_id"], row["device_id"], user.username)
+        await auth.audit(cur, user.username, "silence.lift", f"silence:{silence_id}",
+                         {"test_tickets_ended": ended} if ended else None)  # fmt: skip
     return row
 
 
