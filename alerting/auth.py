@@ -35,7 +35,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "tickets.close": frozenset({"dispatcher", "call_taker", "admin"}),
     "tickets.cancel": frozenset({"dispatcher", "admin"}),
     "valve.close": frozenset({"dispatcher", "technician", "admin"}),
-    "valve.open": frozenset({"technician", "admin"}),
+    "valve.open": frozenset({"technician"}),  # only the technician on site: never remotely
     "households.read": _ALL,
     "silences.manage": frozenset({"technician", "admin"}),
     "reports.read": _ALL,

@@ -148,6 +148,7 @@ class NoteIn(Strict):
 class ValveIn(Strict):
     action: Literal["close_valve", "open_valve"]
     device_id: Ident | None = None
+    reason: str | None = Field(None, max_length=500)  # written to the audit log
 
 
 class ValveRequestedOut(BaseModel):

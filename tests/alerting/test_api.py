@@ -399,3 +399,35 @@ def test_the_action_rules_are_the_ones_the_server_enforces(hotline: Hotline) -> 
         for action, (starts, target, _) in TRANSITIONS.items()
     }
     assert rules.json()["acknowledge"] == {"starts": ["new"], "leads_to": "acknowledged"}
+
+
+def test_valves_follow_the_ticket(hotline: Hotline, database: str) -> None:
+    """A manual close is refused on closed, cancelled and test tickets with the reason; a valve
+    is never reopened remotely, an admin's request included; the audit log names the ticket,
+    the user and the reason of every command."""
+    dispatcher, admin = hotline.client("dispatcher"), hotline.client("admin")
+    technician = hotline.client("technician")
+    raise_alarm(database, "D-0006", "gas_low", "major")
+    live = ticket_of(hotline, "H-0006", "gas_leak")
+    closed = dispatcher.post(f"/api/tickets/{live['id']}/valve",
+                             json={"action": "close_valve", "reason": "caller smells gas"})  # fmt: skip
+    assert closed.status_code == 202, closed.text
+    audit = query(database, "SELECT actor, target, detail->>'reason' FROM audit_log "
+                            "WHERE action = 'valve.close_valve'")  # fmt: skip
+    assert audit == [("dispatcher", f"ticket:{live['id']}", "caller smells gas")]
+    refused = admin.post(f"/api/tickets/{live['id']}/valve", json={"action": "open_valve"})
+    assert refused.status_code == 403 and "on site" in refused.json()["detail"]
+    cancelled = dispatcher.post(f"/api/tickets/{live['id']}/cancel", json={"reason": "duplicate"})
+    assert cancelled.status_code == 200, cancelled.text
+    again = dispatcher.post(f"/api/tickets/{live['id']}/valve", json={"action": "close_valve"})
+    assert again.status_code == 409 and "cancelled" in again.json()["detail"]
+    silence = technician.post("/api/silences", json={"household_id": "H-0005",
+                                                     "reason": "selftest", "minutes": 30})  # fmt: skip
+    assert silence.status_code == 201
+    raise_alarm(database, "D-0005", "gas_low", "major")
+    test = ticket_of(hotline, "H-0005", "gas_leak")
+    assert test["test_mode"]
+    refused = dispatcher.post(f"/api/tickets/{test['id']}/valve", json={"action": "close_valve"})
+    assert refused.status_code == 409 and "test" in refused.json()["detail"]
+    assert query(database, "SELECT count(*) FROM valve_commands WHERE ticket_id = %s",
+                 (test["id"],)) == [(0,)]  # fmt: skip

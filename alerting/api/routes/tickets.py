@@ -216,6 +216,16 @@ async def valve(
             status.HTTP_403_FORBIDDEN, "reopening a valve needs a technician on site"
         )
     ticket = await _summary(conn, ticket_id)
+    if body.action == "close_valve" and ticket["status"] in ("resolved", "closed", "cancelled"):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"ticket {ticket_id} is {ticket['status']}: a valve is closed from a live ticket",
+        )
+    if body.action == "close_valve" and ticket["test_mode"]:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"ticket {ticket_id} is a test ticket: a test never closes a valve",
+        )
     if body.action == "open_valve" and ticket["status"] != "on_site":
         raise HTTPException(
             status.HTTP_409_CONFLICT,
@@ -240,7 +250,7 @@ async def valve(
         except ValveError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         await audit(cur, user.username, f"valve.{body.action}", f"ticket:{ticket_id}",
-                    {"device": device, "command": command})  # fmt: skip
+                    {"device": device, "command": command, "reason": body.reason})  # fmt: skip
     await conn.commit()  # the command exists: the valve bridge may send it now
     request.app.state.wake_valve()
     return {"command_id": command}
