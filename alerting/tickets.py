@@ -364,7 +364,9 @@ async def create_from_call(
 ) -> tuple[int, bool]:
     """A call-taker's ticket. Returns (ticket id, joined): a call about a household that
     already has an open ticket for the same cause joins it (a neighbour reporting the same
-    leak) instead of opening a second one."""
+    leak) instead of opening a second one, and confirms an alarm ticket (high confidence; gas
+    in the home: critical). A call is never a test: a household's open test ticket of that
+    cause ends and the call opens a real ticket."""
     cause = cause or category
     district = None
     if household_id is not None:
@@ -374,14 +376,29 @@ async def create_from_call(
             raise TicketError(f"household {household_id!r} is not in the registry")
         district = row[0]
         await cur.execute(
-            "SELECT id FROM tickets WHERE household_id = %s AND cause = %s "
+            "SELECT id, test_mode, source FROM tickets WHERE household_id = %s AND cause = %s "
             "AND status IN ('new', 'acknowledged', 'dispatched', 'on_site') FOR UPDATE",
             (household_id, cause),
         )
         existing = await cur.fetchone()
-        if existing is not None:
+        if existing is not None and existing[1]:
+            # a person calling is never a test: the test ticket ends, the call opens a real one
             await cur.execute(
-                "UPDATE tickets SET repeats = repeats + 1, updated_at = now() WHERE id = %s",
+                "UPDATE tickets SET status = 'cancelled', cancel_reason = %s, updated_at = now() "
+                "WHERE id = %s",
+                ("a real call during test mode", existing[0]),
+            )
+            await add_event(cur, existing[0], user.username, "cancel",
+                            {"to": "cancelled", "reason": "a real call during test mode",
+                             "test_mode": True})  # fmt: skip
+            existing = None
+        if existing is not None:
+            # the caller confirms the alarm: high confidence; gas in the home becomes critical
+            await cur.execute(
+                "UPDATE tickets SET repeats = repeats + 1, updated_at = now(), "
+                "confidence = CASE WHEN source = 'alarm' THEN 'high' ELSE confidence END, "
+                "priority = CASE WHEN cause = 'gas_leak' THEN 'critical' ELSE priority END, "
+                "inhibited = inhibited AND cause <> 'gas_leak' WHERE id = %s",
                 (existing[0],),
             )
             await add_event(
@@ -399,7 +416,7 @@ async def create_from_call(
             raise TicketError(
                 f"device {device_id!r} is not registered to household {household_id!r}"
             )
-    test = await silenced(cur, household_id, device_id)
+    test = False  # a person calling is never a test, whatever mode the household is in
     if priority is None:
         priority = "critical" if category == "emergency_repair" else "normal"
     opened = await insert_ticket(

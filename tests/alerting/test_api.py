@@ -431,3 +431,29 @@ def test_valves_follow_the_ticket(hotline: Hotline, database: str) -> None:
     assert refused.status_code == 409 and "test" in refused.json()["detail"]
     assert query(database, "SELECT count(*) FROM valve_commands WHERE ticket_id = %s",
                  (test["id"],)) == [(0,)]  # fmt: skip
+
+
+def test_a_caller_confirms_the_alarm_and_is_never_a_test(hotline: Hotline, database: str) -> None:
+    taker, technician = hotline.client("call-taker"), hotline.client("technician")
+    raise_alarm(database, "D-0003", "gas_low", "major")
+    alarm = ticket_of(hotline, "H-0003", "gas_leak")
+    assert (alarm["priority"], alarm["confidence"]) == ("high", "normal")
+    call = taker.post("/api/tickets", json={"category": "emergency_repair", "cause": "gas_leak",
+                                            "household_id": "H-0003", "summary": "smell of gas"})  # fmt: skip
+    assert call.status_code == 201 and call.json()["joined"], call.text
+    joined = call.json()["ticket"]
+    assert (joined["id"], joined["priority"], joined["confidence"]) == (
+        alarm["id"], "critical", "high")  # fmt: skip
+    # a household in test mode: its test ticket ends and the caller's ticket is real
+    assert technician.post("/api/silences", json={"household_id": "H-0004", "reason": "selftest",
+                                                  "minutes": 30}).status_code == 201  # fmt: skip
+    raise_alarm(database, "D-0004", "gas_low", "major")
+    test = ticket_of(hotline, "H-0004", "gas_leak")
+    assert test["test_mode"]
+    call = taker.post("/api/tickets", json={"category": "emergency_repair", "cause": "gas_leak",
+                                            "household_id": "H-0004", "summary": "gas, really"})  # fmt: skip
+    assert call.status_code == 201 and not call.json()["joined"], call.text
+    real = call.json()["ticket"]
+    assert not real["test_mode"] and real["priority"] == "critical"
+    assert query(database, "SELECT status FROM tickets WHERE id = %s",
+                 (test["id"],)) == [("cancelled",)]  # fmt: skip
