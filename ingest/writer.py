@@ -310,7 +310,10 @@ async def write_alarms(cur: psycopg.AsyncCursor[Any], changes: Sequence[AlarmCha
             out.alarms_raised += 1
         else:
             await cur.execute(
-                "UPDATE alarms SET cleared_at = %s, clear_value = %s WHERE device_key = %s "
+                # never cleared before it was raised (a SILENT raised by the scan at ingest's
+                # clock, cleared by a reading stamped earlier that was still on its way)
+                "UPDATE alarms SET cleared_at = greatest(%s, raised_at), clear_value = %s "
+                "WHERE device_key = %s "
                 "AND rule = %s AND cleared_at IS NULL "
                 "RETURNING id, cleared_at - raised_at < %s",
                 (_ts(c.ts_ms), _finite(c.value), c.device_key, c.rule, FLAPPING),
