@@ -344,9 +344,15 @@ async def end_test_tickets(
         )
         ended = [int(r[0]) for r in await plain.fetchall()]
         for ticket_id in ended:
-            await add_event(plain, ticket_id, actor, "cancel",
-                            {"to": "cancelled", "reason": why, "test_mode": True})  # fmt: skip
+            await _noted_test_end(plain, ticket_id, actor, why)
     return ended
+
+
+async def _noted_test_end(
+    cur: psycopg.AsyncCursor[Any], ticket_id: int, actor: str, why: str
+) -> None:
+    await add_event(cur, ticket_id, actor, "cancel",
+                    {"to": "cancelled", "reason": why, "test_mode": True})  # fmt: skip
 
 
 async def create_from_call(
@@ -383,14 +389,13 @@ async def create_from_call(
         existing = await cur.fetchone()
         if existing is not None and existing[1]:
             # a person calling is never a test: the test ticket ends, the call opens a real one
+            why = "a real call during test mode"
             await cur.execute(
                 "UPDATE tickets SET status = 'cancelled', cancel_reason = %s, updated_at = now() "
                 "WHERE id = %s",
-                ("a real call during test mode", existing[0]),
+                (why, existing[0]),
             )
-            await add_event(cur, existing[0], user.username, "cancel",
-                            {"to": "cancelled", "reason": "a real call during test mode",
-                             "test_mode": True})  # fmt: skip
+            await _noted_test_end(cur, existing[0], user.username, why)
             existing = None
         if existing is not None:
             # the caller confirms the alarm: high confidence; gas in the home becomes critical

@@ -129,6 +129,7 @@ class Detection:
         # NEVER_REPORTED counts from here for devices registered earlier: without a saved
         # state ingest cannot know who reported before it started
         self.started_ms = int(time.time() * 1000) if started_ms is None else started_ms
+        self._since_cache: dict[tuple[int, int, Kind], np.ndarray] = {}
         self.clock_tolerance_ms = clock_tolerance_ms
         self.thresholds = thresholds or Thresholds()
         self.detectors = DetectorState(0)
@@ -218,11 +219,24 @@ class Detection:
         )
         for kind, state, params in kinds:
             out += changes(scan_silence(state, now_ms, params), registry)
-            registered = registry.registered_array(kind, gateways)
-            since = np.where(registered == NO_TS, NO_TS, np.maximum(registered, self.started_ms))
-            never = scan_never_reported(state, now_ms, since, params.never_reported_ms)
+            never = scan_never_reported(
+                state, now_ms, self._since(registry, kind, gateways), params.never_reported_ms
+            )
             out += changes(never, registry)
         return out
+
+    def _since(self, registry: Registry, kind: Kind, gateways: set[str] | None) -> np.ndarray:
+        """Per key, when NEVER_REPORTED starts counting; built once per registry (the scan
+        runs every few seconds, the registry changes when it is reloaded)."""
+        key = (id(registry), len(registry.by_key), kind)
+        if key not in self._since_cache:
+            if len(self._since_cache) > 4:
+                self._since_cache.clear()
+            registered = registry.registered_array(kind, gateways)
+            self._since_cache[key] = np.where(
+                registered == NO_TS, NO_TS, np.maximum(registered, self.started_ms)
+            )
+        return self._since_cache[key]
 
     def checkpoint(self, keys: np.ndarray) -> Checkpoint:
         """The state of the devices ``keys`` (those a micro-batch touches), to restore if its

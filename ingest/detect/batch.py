@@ -100,6 +100,11 @@ def run_start(
     return out
 
 
+def within(x: FloatArray, lo: float | FloatArray, hi: float | FloatArray) -> FloatArray:
+    """``x`` where it lies in [lo, hi], NaN elsewhere (a value no sensor could report)."""
+    return np.where((x >= lo) & (x <= hi), x, np.nan)
+
+
 def flag(col: npt.ArrayLike | None, order: IntArray) -> BoolArray:
     """An optional flag column in the batch's order: absent means False throughout."""
     if col is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .batch import Batch, flag, floats, run_start
+from .batch import Batch, flag, floats, run_start, within
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule
 from .late import late_hits, raise_late, track_clears
 from .params import DetectorColumns, DetectorParams, per_device
@@ -71,7 +71,7 @@ def detect_detectors(
 
 def plausible(ch4: FloatArray, p: DetectorParams) -> FloatArray:
     """CH4 as the gas rules see it: NaN where no sensor could report it."""
-    return np.where((ch4 >= p.ch4_min) & (ch4 <= p.ch4_max), ch4, np.nan)
+    return within(ch4, p.ch4_min, p.ch4_max)
 
 
 def _late(

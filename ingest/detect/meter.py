@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import Batch, counted_switch, flag, floats, run_start
+from .batch import Batch, counted_switch, flag, floats, run_start, within
 from .burst import apply_burst
 from .events import BoolArray, Events, EventSink, FloatArray, IntArray, Rule, rule_bit
 from .late import late_hits, raise_late, track_clears
@@ -87,11 +87,11 @@ def detect_meters(
 
 def plausible_flow(flow: FloatArray, qmax: FloatArray, p: MeterParams) -> FloatArray:
     """Flow as the flow rules see it: NaN where no meter of this size could report it."""
-    return np.where((flow >= -qmax) & (flow <= p.flow_max_factor * qmax), flow, np.nan)
+    return within(flow, -qmax, p.flow_max_factor * qmax)
 
 
 def plausible_pressure(pressure: FloatArray, p: MeterParams) -> FloatArray:
-    return np.where((pressure >= p.pressure_min) & (pressure <= p.pressure_max), pressure, np.nan)
+    return within(pressure, p.pressure_min, p.pressure_max)
 
 
 def _late(
@@ -253,7 +253,7 @@ def _mismatch(
 def _battery(b: Batch, p: MeterParams, st: MeterState, *, battery: FloatArray) -> None:
     """BATTERY_LOW: below ``battery_low`` on ``battery_low_samples`` readings in a row, cleared
     at or above ``battery_low_clear`` on as many; a missing or impossible value neither."""
-    batt = np.where((battery >= p.battery_min) & (battery <= p.battery_max), battery, np.nan)
+    batt = within(battery, p.battery_min, p.battery_max)
     n = p.battery_low_samples
     counted_switch(b, Rule.BATTERY_LOW, (batt < p.battery_low, n, st.bl_lo),
                    (batt >= p.battery_low_clear, n, st.bl_ok), batt)  # fmt: skip
